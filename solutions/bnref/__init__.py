@@ -3,6 +3,7 @@
 Layers follow the CS231n convention ``forward -> (out, cache)``,
 ``backward(dout, cache)``. PyTorch is the ground truth in the tests.
 """
+from . import data
 from .forward import batchnorm_forward, batchnorm_inference, update_running_stats
 from .layers import BatchNorm1d
 

@@ -1,0 +1,28 @@
+"""nbgrader configuration of the course; ``python -m bngrade`` writes a course
+directory whose own nbgrader_config.py loads this file."""
+c = get_config()  # noqa: F821  (provided by traitlets when nbgrader loads this file)
+
+c.CourseDirectory.course_id = "bn-course"
+c.CourseDirectory.db_assignments = []
+c.CourseDirectory.db_students = []
+
+# Student code gets at most this many seconds per cell; an infinite loop is
+# interrupted and recorded as CellTimeoutError in that cell, and grading goes on.
+c.Execute.timeout = 120
+c.Execute.interrupt_on_timeout = True
+
+# nbgrader scores 0 any test cell with stderr output. Warnings and progress
+# bars are not errors: drop those stderr outputs before grading.
+c.IgnorePattern.enabled = True
+c.IgnorePattern.pattern = r"Warning:|\d+%\|"
+
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+
+# Feedback: remove hidden-test code (nbgrader #1363) and reduce tracebacks to
+# the assertion message, so no hidden test reaches a student.
+c.GenerateFeedback.preprocessors = [
+    "nbgrader.preprocessors.GetGrades",
+    "nbgrader.preprocessors.ClearHiddenTests",
+    "bngrade.feedback.ShortTracebacks",
+    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
+]
