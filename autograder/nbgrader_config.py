@@ -3,8 +3,6 @@ directory whose own nbgrader_config.py loads this file."""
 c = get_config()  # noqa: F821  (provided by traitlets when nbgrader loads this file)
 
 c.CourseDirectory.course_id = "bn-course"
-c.CourseDirectory.db_assignments = []
-c.CourseDirectory.db_students = []
 
 # Student code gets at most this many seconds per cell; an infinite loop is
 # interrupted and recorded as CellTimeoutError in that cell, and grading goes on.

@@ -78,7 +78,7 @@ def update_running_stats(running_mean, running_var, x, momentum=0.1):
 
         new = (1 - momentum) * old + momentum * batch_stat
 
-    ``momentum=0.1`` here is Keras/TF ``momentum=0.99`` (they weight the old
+    ``momentum=0.1`` here is Keras/TF ``momentum=0.9`` (Keras weights the old
     value). The variance that enters the average is the *unbiased* batch
     variance (divides by N - 1), as in PyTorch and Algorithm 2 of Ioffe &
     Szegedy; the forward pass itself normalizes with the biased one.

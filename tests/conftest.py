@@ -1,0 +1,44 @@
+"""Shared fixtures: one nbgrader course per test session, the class graded once per assignment."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bngrade.course import REPO, Course, assignments  # noqa: E402
+from bngrade.grading import grade_class  # noqa: E402
+from class_roster import ROSTER, write_class  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def course(tmp_path_factory):
+    """A fresh course directory with every assignment released (not copied into the book)."""
+    c = Course(tmp_path_factory.mktemp("course"))
+    for assignment in assignments():
+        c.release(assignment, publish=False)
+    return c
+
+
+@pytest.fixture(scope="session")
+def graded(course, tmp_path_factory):
+    """{assignment: (report, grades.csv path)} after grading each assignment's seeded class."""
+    results = {}
+    for assignment in ROSTER:
+        folder = write_class(course, assignment, tmp_path_factory.mktemp(f"subs_{assignment}"))
+        results[assignment] = grade_class(course, assignment, folder, progress=False, cell_timeout=15)
+    return results
+
+
+@pytest.fixture(scope="session")
+def book(tmp_path_factory):
+    """The book built from a copy of the repository, as the README's build command does."""
+    out = tmp_path_factory.mktemp("book")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    proc = subprocess.run([str(jb), "build", str(REPO), "-W", "-n", "--keep-going", "--path-output", str(out)],
+                          capture_output=True, text=True)
+    return proc, out / "_build" / "html"
+
+
