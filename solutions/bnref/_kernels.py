@@ -68,3 +68,27 @@ def scale_shift(x, a, b):
 
     _map_row_blocks(affine, x.shape[0], x.shape[1] * out.itemsize)
     return out
+
+
+def centered_dot(x, mean, dy):
+    """Per-feature sum of ``dy * (x - mean)`` for (N, D) arrays: (D,), without a full temporary."""
+    n, d = x.shape
+
+    def partial(rows):
+        return np.einsum("ij,ij->j", dy[rows], np.subtract(x[rows], mean))
+
+    return np.sum(_map_row_blocks(partial, n, d * x.itemsize), axis=0)
+
+
+def two_term_affine(u, a, v, b, c):
+    """Per-feature ``u * a + v * b + c`` of two (N, D) arrays, one pass; a, b, c are (D,)."""
+    out = np.empty(u.shape, dtype=np.result_type(u, v, a, b, c))
+
+    def combine(rows):
+        block = out[rows]
+        np.multiply(u[rows], a, out=block)
+        block += np.multiply(v[rows], b)
+        block += c
+
+    _map_row_blocks(combine, u.shape[0], u.shape[1] * out.itemsize)
+    return out
