@@ -22,14 +22,22 @@ def course(tmp_path_factory):
     return c
 
 
+class GradedClasses(dict):
+    """{assignment: (report, grades.csv path)}; each seeded class is graded on first use."""
+
+    def __init__(self, course, tmp_path_factory):
+        super().__init__()
+        self.course, self.tmp = course, tmp_path_factory
+
+    def __missing__(self, assignment):
+        folder = write_class(self.course, assignment, self.tmp.mktemp(f"subs_{assignment}"))
+        self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15)
+        return self[assignment]
+
+
 @pytest.fixture(scope="session")
 def graded(course, tmp_path_factory):
-    """{assignment: (report, grades.csv path)} after grading each assignment's seeded class."""
-    results = {}
-    for assignment in ROSTER:
-        folder = write_class(course, assignment, tmp_path_factory.mktemp(f"subs_{assignment}"))
-        results[assignment] = grade_class(course, assignment, folder, progress=False, cell_timeout=15)
-    return results
+    return GradedClasses(course, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

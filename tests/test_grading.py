@@ -26,6 +26,7 @@ def _grades(course, assignment, student):
 
 @pytest.mark.parametrize("assignment,student", GRADED)
 def test_each_submission_loses_exactly_the_points_of_its_mistake(graded, course, assignment, student):
+    graded[assignment]
     grades = _grades(course, assignment, student)
     lost = {name for name, (score, max_score) in grades.items() if score != max_score}
     spec = ROSTER[assignment][student]
@@ -36,18 +37,19 @@ def test_each_submission_loses_exactly_the_points_of_its_mistake(graded, course,
         assert lost == spec.get("lose", set()), f"{student}: lost {sorted(lost)}"
 
 
-def test_grades_csv_lists_every_student_with_the_right_total(graded, course):
-    for assignment, (report, csv_path) in graded.items():
-        rows = {r["student_id"]: r for r in csv.DictReader(csv_path.open()) if r["assignment"] == assignment}
-        assert set(ROSTER[assignment]) <= set(rows), "every student, graded or not, has a row"
-        full = float(rows["solution"]["max_score"])
-        assert float(rows["solution"]["score"]) == full > 0
-        assert float(rows["blank"]["score"]) == 0
-        for student, spec in ROSTER[assignment].items():
-            if spec and "lose" in spec:
-                grades = _grades(course, assignment, student)
-                expected = full - sum(grades[name][1] for name in spec["lose"])
-                assert float(rows[student]["score"]) == expected, student
+@pytest.mark.parametrize("assignment", sorted(ROSTER))
+def test_grades_csv_lists_every_student_with_the_right_total(graded, course, assignment):
+    report, csv_path = graded[assignment]
+    rows = {r["student_id"]: r for r in csv.DictReader(csv_path.open()) if r["assignment"] == assignment}
+    assert set(ROSTER[assignment]) <= set(rows), "every student, graded or not, has a row"
+    full = float(rows["solution"]["max_score"])
+    assert float(rows["solution"]["score"]) == full > 0
+    assert float(rows["blank"]["score"]) == 0
+    for student, spec in ROSTER[assignment].items():
+        if spec and "lose" in spec:
+            grades = _grades(course, assignment, student)
+            expected = full - sum(grades[name][1] for name in spec["lose"])
+            assert float(rows[student]["score"]) == expected, student
 
 
 def test_broken_submissions_are_reported_by_name_and_do_not_stop_the_class(graded):
@@ -59,12 +61,12 @@ def test_broken_submissions_are_reported_by_name_and_do_not_stop_the_class(grade
             assert report[student] == [], (student, report[student])
 
 
-def test_feedback_names_the_mistake(graded, course):
-    for assignment, students in ROSTER.items():
-        for student, spec in students.items():
-            if spec and "says" in spec:
-                html = course.path("feedback", student, assignment, f"{assignment}.html").read_text()
-                assert spec["says"] in html, f"{student}'s feedback does not say {spec['says']!r}"
+@pytest.mark.parametrize("assignment", sorted(ROSTER))
+def test_feedback_names_the_mistake(graded, course, assignment):
+    for student, spec in ROSTER[assignment].items():
+        if spec and "says" in spec:
+            html = course.path("feedback", student, assignment, f"{assignment}.html").read_text()
+            assert spec["says"] in html, f"{student}'s feedback does not say {spec['says']!r}"
 
 
 def test_solution_passes_nbgrader_validate_and_blank_fails_every_test(course, tmp_path):

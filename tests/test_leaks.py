@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from bngrade.course import SOURCES, assignments, chapter_dir
+from class_roster import ROSTER
 
 REGION = re.compile(r"### BEGIN (SOLUTION|HIDDEN TESTS)\n(.*?)### END \1", re.S)
 MIN_CHARS = 10  # shorter lines (``return out``) say nothing about the solution
@@ -74,6 +75,8 @@ def test_feedback_holds_no_solution_or_hidden_test(graded, course):
         submitted = nbformat.read(course.path("submitted", student, assignment, page.with_suffix(".ipynb").name), 4)
         return {line.strip() for cell in submitted.cells for line in cell.source.splitlines()}
 
+    for assignment in ROSTER:
+        graded[assignment]
     pages = sorted(course.path("feedback").rglob("*.html"))
     assert len(pages) >= 6
     assert_no_secret(pages, own_lines)
