@@ -25,7 +25,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cpu_forward.py
+	$(BIN)/python benchmarks/cpu_batchnorm.py
 
 clean:
 	rm -rf _build autograder/course
