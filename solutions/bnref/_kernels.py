@@ -19,13 +19,21 @@ _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
 def _map_row_blocks(fn, n_rows, row_bytes):
     """Call ``fn(rows)`` on row slices covering ``range(n_rows)``; list of results.
 
-    Slices are about ``BLOCK_BYTES`` big; small arrays run on the caller's thread.
+    The rows are split into one contiguous part per thread, and each thread
+    walks its part in slices of about ``BLOCK_BYTES``: one task per thread
+    keeps the pool's overhead out of the loop. Small arrays stay on the
+    caller's thread.
     """
     step = max(1, BLOCK_BYTES // max(1, row_bytes))
-    slices = [slice(s, min(n_rows, s + step)) for s in range(0, n_rows, step)]
-    if _POOL is None or len(slices) < 2:
-        return [fn(rows) for rows in slices]
-    return list(_POOL.map(fn, slices))
+
+    def walk(start, stop):
+        return [fn(slice(s, min(stop, s + step))) for s in range(start, stop, step)]
+
+    if _POOL is None or n_rows <= step:
+        return walk(0, n_rows)
+    bounds = np.linspace(0, n_rows, THREADS + 1).astype(int)
+    parts = _POOL.map(walk, bounds[:-1], bounds[1:])
+    return [result for part in parts for result in part]
 
 
 def column_sum(x):
