@@ -31,7 +31,7 @@ class GradedClasses(dict):
 
     def __missing__(self, assignment):
         folder = write_class(self.course, assignment, self.tmp.mktemp(f"subs_{assignment}"))
-        self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15)
+        self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15, jobs=2)
         return self[assignment]
 
 

@@ -25,6 +25,7 @@ def main(argv=None):
     grade.add_argument("assignment", choices=assignments())
     grade.add_argument("submissions", help="folder of per-student folders, or an LMS zip")
     grade.add_argument("--quiet", action="store_true", help="no progress bar")
+    grade.add_argument("-j", "--jobs", type=int, default=1, help="students graded in parallel (default: 1)")
     grade.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: nbgrader config)")
     exp = sub.add_parser("export", help="write grades.csv from the gradebook")
     exp.add_argument("--to", default=None, help="CSV path (default: COURSE/grades.csv)")
@@ -40,7 +41,7 @@ def main(argv=None):
     elif args.command == "grade":
         try:
             report, grades = grade_class(course, args.assignment, args.submissions,
-                                         progress=not args.quiet, cell_timeout=args.cell_timeout)
+                                         progress=not args.quiet, cell_timeout=args.cell_timeout, jobs=args.jobs)
         except Problem as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -5,6 +5,8 @@ hard wall-clock limit, so an infinite loop, a crashed or hung kernel, or a
 broken notebook costs that student only: it is reported by name and the rest
 of the class is graded.
 """
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
@@ -14,6 +16,8 @@ from .intake import STUDENT_ID, Problem, collect
 
 # Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook.
 NOTEBOOK_WALL_SECONDS = 600
+# Parallel jobs share the SQLite gradebook; a job that finds it locked retries.
+LOCK_RETRIES = 3
 
 
 def _cell_errors(notebook):
@@ -37,14 +41,33 @@ def _summarize_failure(log):
     return log.strip().splitlines()[-1][:300] if log.strip() else "no output"
 
 
+def feedback_student(course, assignment, student):
+    """Generate one student's feedback HTML; returns a list of problems."""
+    code, log = course.nbgrader("generate_feedback", assignment, "--student", student, "--force",
+                                timeout=NOTEBOOK_WALL_SECONDS)
+    return [] if code == 0 else [f"feedback not generated: {_summarize_failure(log)}"]
+
+
+def grade_student(course, assignment, student, cell_timeout=None):
+    """Autograde one submission, then write its feedback if it was graded; returns problems."""
+    problems = autograde_student(course, assignment, student, cell_timeout)
+    if course.path("autograded", student, assignment).exists():
+        problems += feedback_student(course, assignment, student)
+    return problems
+
+
 def autograde_student(course, assignment, student, cell_timeout=None, wall_seconds=NOTEBOOK_WALL_SECONDS):
     """Autograde one submission; returns a list of problems (empty when all went well).
 
     ``cell_timeout`` (seconds) overrides the configured per-cell limit.
     """
     extra = [f"--Execute.timeout={cell_timeout}"] if cell_timeout else []
-    code, log = course.nbgrader("autograde", assignment, "--student", student, "--force", *extra,
-                                timeout=wall_seconds)
+    for attempt in range(LOCK_RETRIES + 1):
+        code, log = course.nbgrader("autograde", assignment, "--student", student, "--force", *extra,
+                                    timeout=wall_seconds)
+        if code == 0 or "database is locked" not in (log or ""):
+            break
+        time.sleep(1 + attempt)  # another job held the SQLite gradebook: try again
     if code is None:
         return [f"killed after {wall_seconds} s of wall-clock time (hung kernel or endless output)"]
     graded = course.path("autograded", student, assignment, f"{assignment}.ipynb")
@@ -63,7 +86,7 @@ def ensure_students(course, students):
             gb.update_or_create_student(student)
 
 
-def grade_class(course, assignment, submissions, progress=True, cell_timeout=None):
+def grade_class(course, assignment, submissions, progress=True, cell_timeout=None, jobs=1):
     """Collect, autograde, export and generate feedback for a whole class.
 
     Args:
@@ -71,18 +94,21 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
         assignment: assignment id.
         submissions: folder of per-student folders, or an LMS zip.
         cell_timeout: seconds per cell, instead of the configured Execute.timeout.
+        jobs: students graded at the same time, each in its own nbgrader process.
 
     Returns:
         {student: [problems]} for every student found, and the path of grades.csv.
     """
     students, intake_problems = collect(submissions, assignment, course)
     report = {who: [msg] for who, msg in intake_problems.items()}
-    for student in tqdm(students, desc=f"grading {assignment}", unit="student", disable=not progress):
-        report[student] = autograde_student(course, assignment, student, cell_timeout)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {pool.submit(grade_student, course, assignment, s, cell_timeout): s for s in students}
+        done = as_completed(futures)
+        for future in tqdm(done, total=len(futures), desc=f"grading {assignment}", unit="student",
+                           disable=not progress):
+            report[futures[future]] = future.result()
     ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
-    grades = export_grades(course)
-    course.check("generate_feedback", assignment, "--force")
-    return report, grades
+    return report, export_grades(course)
 
 
 def export_grades(course, to=None):
@@ -102,4 +128,4 @@ def format_report(report):
     return "\n".join(lines)
 
 
-__all__ = ["Problem", "autograde_student", "grade_class", "export_grades", "format_report"]
+__all__ = ["Problem", "grade_student", "grade_class", "export_grades", "format_report"]

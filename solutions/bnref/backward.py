@@ -9,9 +9,13 @@ Two versions with the same result:
       dx = gamma * rstd / N * (N * dout - sum(dout) - x_hat * sum(dout * x_hat))
 
   which needs two per-feature reductions and one elementwise pass.
+
+In eval mode the statistics are the running buffers, constants, and
+:func:`batchnorm_inference_backward` is the backward of a per-feature affine map.
 """
 import numpy as np
 
+from ._checks import check_2d, check_param, check_upstream
 from ._kernels import centered_dot, column_sum, two_term_affine
 
 
@@ -26,6 +30,7 @@ def batchnorm_backward(dout, cache):
         dx: (N, D); dgamma, dbeta: (D,).
     """
     x, gamma, mean, _, rstd = cache
+    dout = check_upstream(dout, x.shape)
     n = x.shape[0]
     xmu = x - mean                                  # centre
     x_hat = xmu * rstd                              # normalize
@@ -52,6 +57,7 @@ def batchnorm_backward_alt(dout, cache):
         dx: (N, D); dgamma, dbeta: (D,).
     """
     x, gamma, mean, _, rstd = cache
+    dout = check_upstream(dout, x.shape)
     n = x.shape[0]
     dbeta = column_sum(dout)
     dgamma = centered_dot(x, mean, dout) * rstd
@@ -61,3 +67,32 @@ def batchnorm_backward_alt(dout, cache):
     b = -k * rstd * dgamma / n
     c = -k * dbeta / n - b * mean
     return two_term_affine(dout, k, x, b, c), dgamma, dbeta
+
+
+def batchnorm_inference_backward(dout, x, gamma, running_mean, running_var, eps=1e-5):
+    """Backward of :func:`batchnorm_inference`, where the statistics are constants.
+
+    With fixed ``running_mean`` and ``running_var`` the layer is the per-feature
+    affine map ``out = x * a + b`` with ``a = gamma / sqrt(running_var + eps)``, so
+    ``dx = dout * a``: no path runs through the statistics, and ``dx`` does not sum
+    to 0 over the batch as it does in training mode.
+
+    Args:
+        dout: (N, D) upstream gradient.
+        x: (N, D) the forward's input.
+        gamma, running_mean, running_var: (D,) as passed to the forward.
+        eps: as passed to the forward.
+
+    Returns:
+        dx: (N, D); dgamma, dbeta: (D,).
+    """
+    x = check_2d(x)
+    d = x.shape[1]
+    gamma = check_param(gamma, d, "gamma")
+    running_mean = check_param(running_mean, d, "running_mean")
+    running_var = check_param(running_var, d, "running_var")
+    dout = check_upstream(dout, x.shape)
+    rstd = 1.0 / np.sqrt(running_var + eps)
+    dbeta = column_sum(dout)
+    dgamma = centered_dot(x, running_mean, dout) * rstd
+    return dout * (gamma * rstd), dgamma, dbeta
