@@ -8,6 +8,11 @@ c.CourseDirectory.course_id = "bn-course"
 # interrupted and recorded as CellTimeoutError in that cell, and grading goes on.
 c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
+c.Execute.error_on_timeout = {
+    "ename": "CellTimeoutError",
+    "evalue": "this cell ran past the grader's time limit and was stopped: look for an endless loop",
+    "traceback": ["CellTimeoutError: this cell ran past the grader's time limit and was stopped"],
+}
 
 # nbgrader scores 0 any test cell with stderr output. Warnings and progress
 # bars are not errors: drop those stderr outputs before grading.

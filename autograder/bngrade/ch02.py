@@ -191,7 +191,8 @@ def _check_step(layer, ref, out, expected, x, mode, where):
         raise AssertionError(f"BatchNorm1d: in eval mode your layer normalizes with the batch statistics; "
                              f"it must use running_mean and running_var ({where})")
     if not np.allclose(out, expected, rtol=1e-6, atol=1e-8):
-        raise AssertionError(f"BatchNorm1d.forward output differs from torch.nn.BatchNorm1d at {where}")
+        raise AssertionError(f"BatchNorm1d.forward output differs from torch.nn.BatchNorm1d at {where} "
+                             "(if batchnorm_forward or batchnorm_inference fail their tests, fix those first)")
     if mode == "eval" and not (np.allclose(layer.running_mean, rm) and np.allclose(layer.running_var, rv)):
         raise AssertionError(f"BatchNorm1d: the running statistics changed in eval mode ({where}); "
                              "eval mode must leave them alone")

@@ -141,7 +141,7 @@ def check_spatial_backward(forward, backward):
     reference = functools.partial(_forward_then_backward, bnref.spatial_batchnorm_forward,
                                   bnref.spatial_batchnorm_backward)
     compare(student, reference, _cases(seed=62, with_dout=True), "spatial_batchnorm_backward",
-            BACKWARD_MISTAKES, tol=(1e-6, 1e-7))
+            BACKWARD_MISTAKES)
     dtype_case = _cases(seed=63, with_dout=True)[-1]
     check_dtype(student, dtype_case, "spatial_batchnorm_backward")
 
@@ -174,7 +174,8 @@ def check_spatial_rejects_bad_input(student):
 
 def _fold_cases(seed=64):
     rng = np.random.default_rng(seed)
-    shapes = [((8, 3, 3, 3), True), ((6, 6, 1, 1), False), ((5, 2, 3, 5), True), ((7, 7), True), ((4, 9), False)]
+    # the first shapes let the wrong-axis mistakes broadcast (C_in == C_out, kW == C_out), so they can be named
+    shapes = [((3, 3, 3, 3), True), ((6, 6, 1, 1), False), ((8, 2, 3, 8), True), ((7, 7), True), ((4, 9), False)]
     cases = []
     for dtype in (np.float64, np.float32):
         for (shape, has_bias), eps in zip(shapes, (1e-5, 1e-3, 0.1, 1e-2, 1e-5)):

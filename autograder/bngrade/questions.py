@@ -39,6 +39,66 @@ QUESTIONS = {
             "C": "PyTorch's default eps is 1e-5; Keras' is 1e-3.",
         },
     },
+    "ch03_constant_dout": {
+        "answer": "B",
+        "why": {
+            "A": "A correct backward gives exactly this: with dout constant over the batch, sum(dout * out) does not "
+                 "depend on x, so dx = 0. The test says nothing either way.",
+            "C": "eps is not the reason: the same happens with any eps, because sum_i x_hat_i = 0 for every batch.",
+            "D": "A batch of 64 has plenty of gradient; the upstream gradient is what hides it, "
+                 "being constant over the batch.",
+        },
+    },
+    "ch03_eval_backward": {
+        "answer": "C",
+        "why": {
+            "A": "In eval mode the running statistics do not depend on the batch, so no gradient flows through them; "
+                 "the training-mode formula assumes that it does.",
+            "B": "dx sums to 0 per feature only in training mode, where shifting a whole feature changes nothing; "
+                 "in eval mode the output moves with x.",
+            "D": "The running statistics are fixed, but x still passes through the affine map gamma * x / "
+                 "sqrt(running_var + eps), so dx is not 0.",
+        },
+    },
+    "ch06_param_count": {
+        "answer": "B",
+        "why": {
+            "A": "The statistics, and so gamma and beta, are shared by every position of a channel: a convolution "
+                 "applies the same filter everywhere, and BN keeps that invariance.",
+            "C": "BN has a shift beta as well as a scale gamma for each channel: 2 * C parameters.",
+            "D": "The running mean and variance are buffers, estimated from the batches, not learned by gradient "
+                 "descent.",
+        },
+    },
+    "ch06_fold_when": {
+        "answer": "C",
+        "why": {
+            "A": "In training mode BN normalizes with the statistics of the current batch, which change with every "
+                 "batch: it is not a fixed affine map, so no fixed weight can replace it.",
+            "B": "A bias is folded too: it becomes (bias - running_mean) * scale + beta.",
+            "D": "Each output channel's filter, whatever its size, is scaled by that channel's factor.",
+        },
+    },
+    "ch07_keep_prob": {
+        "answer": "D",
+        "why": {
+            "A": "CS231n's p is the probability of KEEPING a unit; torch.nn.Dropout's p is the probability of "
+                 "DROPPING it, so keep 0.8 is p = 0.2.",
+            "B": "PyTorch uses inverted dropout (it divides by the keep probability during training), so nothing "
+                 "is scaled at test time; and its p is the drop probability.",
+            "C": "p = 0.2 is right, but torch already divides by the keep probability 0.8 during training; "
+                 "at test time nn.Dropout is the identity and nothing more is needed.",
+        },
+    },
+    "ch07_variance_shift": {
+        "answer": "A",
+        "why": {
+            "B": "Inverted dropout keeps the mean: E[mask * x / keep] = x. What it changes is the variance.",
+            "C": "In eval mode dropout is the identity; the test outputs are deterministic.",
+            "D": "gamma and beta are trained normally; the problem is the running variance, measured with dropout "
+                 "noise that is absent at test time.",
+        },
+    },
 }
 
 

@@ -112,6 +112,11 @@ class BatchNorm2d(BatchNorm1d):
 
     __call__ = forward
 
+    def backward(self, dout):
+        """Backward of the last :meth:`forward` for an (N, C, H, W) ``dout``; sets dgamma, dbeta (C,)."""
+        dout = check_4d(dout, "dout")
+        return rows_to_nchw(super().backward(nchw_to_rows(dout)), dout.shape)
+
 
 def fold_batchnorm(weight, bias, gamma, beta, running_mean, running_var, eps=1e-5):
     """Fold an eval-mode batch norm into the conv or linear layer before it.
