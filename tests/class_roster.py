@@ -5,6 +5,28 @@ import shutil
 from submissions import make_submission
 
 FORWARD_VAR = "var = (centered * centered).mean(axis=0)"
+STAGED_DX = "dx = dxmu + dmu / n"
+STAGED_VAR_PATH = "dxmu = dxmu + dvar * 2.0 * xmu / n"
+CLOSED_FORM_IN_STAGED_SLOT = """def batchnorm_backward(dout, cache):
+    x_hat, xmu, var, eps, gamma = cache
+    n = dout.shape[0]
+    dbeta = dout.sum(axis=0)
+    dgamma = (dout * x_hat).sum(axis=0)
+    dx = gamma / np.sqrt(var + eps) * (dout - dbeta / n - x_hat * dgamma / n)
+    return dx, dgamma, dbeta
+"""
+SPATIAL_ROWS = "channels_last = x.transpose(0, 2, 3, 1).reshape(n * h * w, c)"
+SPATIAL_BACK = "out = out_rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)"
+SPATIAL_DOUT_ROWS = "dout_rows = dout.transpose(0, 2, 3, 1).reshape(n * h * w, c)"
+SPATIAL_DX_BACK = "dx = dx_rows.reshape(n, h, w, c).transpose(0, 3, 1, 2)"
+FOLD_SCALE = "per_channel = gamma / np.sqrt(running_var + eps)"
+FOLD_BIAS = "folded_bias = (bias - running_mean) * per_channel + beta"
+DROPOUT_TRAIN_FACTOR = 'factor = 1.0 / keep if mode == "inverted" else 1.0'
+DROPOUT_EVAL_FACTOR = 'factor = 1.0 if mode == "inverted" else keep'
+
+EVAL_MODE = "model.eval()  # the running statistics, not those of this batch"
+RUN_UPDATE_OPS = "model.run_update_ops()  # TF1: sess.run(tf.get_collection(tf.GraphKeys.UPDATE_OPS))"
+RECAL_MOMENTUM = "layer.momentum = 1.0  # replace the running statistics instead of averaging into them"
 
 ROSTER = {
     "ch01_why_normalize": {
@@ -40,6 +62,108 @@ ROSTER = {
                          "lose": {"test_keras_momentum"}, "problem": "CellTimeoutError"},
         "kernel-crash": {"override": {"answer_bias": "import os\nos._exit(1)"}, "problem": "Kernel died"},
         "broken-json": {"raw": "{ this is not a notebook", "problem": "not a readable notebook"},
+    },
+    "ch03_batchnorm_backward": {
+        "solution": {},
+        "blank": None,
+        "no-mean-path": {"replace": {"batchnorm_backward": [(STAGED_DX, "dx = dxmu")]},
+                         "lose": {"test_backward"}, "says": "dx is missing the path through the mean"},
+        "no-variance-path": {"replace": {"batchnorm_backward": [(STAGED_VAR_PATH, "dxmu = dxmu")]},
+                             "lose": {"test_backward"}, "says": "dx is missing the path through the variance"},
+        "swapped-dgamma-dbeta": {"replace": {"batchnorm_backward": [("return dx, dgamma, dbeta",
+                                                                     "return dx, dbeta, dgamma")]},
+                                 "lose": {"test_backward"}, "says": "dgamma and dbeta are swapped"},
+        "missing-one-over-n": {"replace": {"batchnorm_backward": [(STAGED_VAR_PATH,
+                                                                   "dxmu = dxmu + dvar * 2.0 * xmu")]},
+                               "lose": {"test_backward"},
+                               "says": "a 1/N factor is missing in the path through the variance"},
+        "eps-dropped": {"replace": {"batchnorm_backward": [("inv_std = 1.0 / np.sqrt(var + eps)",
+                                                            "inv_std = 1.0 / np.sqrt(var)")]},
+                        "lose": {"test_backward"}, "says": "eps is dropped in the backward pass"},
+        # The closed form where the staged version belongs is correct: it keeps every point.
+        "closed-form-in-staged-slot": {"override": {"batchnorm_backward": CLOSED_FORM_IN_STAGED_SLOT}, "lose": set()},
+        # The layer calls the closed form and the eval-mode backward, so their mistakes cost the layer too.
+        "closed-form-times-n": {"replace": {"batchnorm_backward_alt": [("scale = gamma / (n * np.sqrt(var + eps))",
+                                                                        "scale = gamma / np.sqrt(var + eps)")]},
+                                "lose": {"test_backward_alt", "test_batchnorm1d"}, "says": "dx is N times too large"},
+        "eval-through-stats": {"replace": {"batchnorm_inference_backward": [(
+            "dx = dout * gamma * inv_std",
+            "dx = gamma * inv_std * (dout - dout.mean(axis=0) - (x - running_mean) * inv_std"
+            " * np.mean(dout * (x - running_mean) * inv_std, axis=0))")]},
+            "lose": {"test_inference_backward", "test_batchnorm1d"}, "says": "the running statistics are constants"},
+        "one-sided-difference": {"replace": {"eval_numerical_gradient": [("xp[idx] = saved - h", "xp[idx] = saved"),
+                                                                         ("/ (2 * h)", "/ h")]},
+                                 "lose": {"test_numerical_gradient"}, "says": "uses a one-sided difference"},
+        "constant-dout-fooled": {"override": {"answer_constant_dout": 'answer_constant_dout = "A"'},
+                                 "lose": {"test_answer_constant_dout"},
+                                 "says": "A correct backward gives exactly this"},
+    },
+    "ch04_training_with_bn": {
+        "solution": {},
+        "blank": None,
+        "eval-in-train-mode": {"replace": {"evaluate": [(EVAL_MODE, "pass")]},
+                               "lose": {"test_evaluate"}, "says": "your evaluation runs the network in training mode"},
+        "no-update-ops": {"replace": {"train_epoch": [(RUN_UPDATE_OPS, "pass")]},
+                          "lose": {"test_train_epoch"}, "says": "the running statistics are never updated"},
+        "trains-in-eval-mode": {"replace": {"train_epoch": [("model.train()", "pass")]},
+                                "lose": {"test_train_epoch"}, "says": "the network trains in eval mode"},
+        "recal-blends": {"replace": {"recalibrate": [(RECAL_MOMENTUM, "pass")]},
+                         "lose": {"test_recalibrate"}, "says": "recalibration blends the full-training-set statistics"},
+        "recal-keeps-momentum-1": {"replace": {"recalibrate": [("layer.momentum = momentum", "pass")]},
+                                   "lose": {"test_recalibrate"}, "says": "recalibrate leaves momentum = 1"},
+        "blames-learning-rate": {"override": {"answer_update_ops": 'answer_update_ops = "A"'},
+                                 "lose": {"test_answer_update_ops"}, "says": "A learning rate too large"},
+    },
+    "ch06_batchnorm_cnn": {
+        "solution": {},
+        "blank": None,
+        "naive-reshape": {"replace": {
+            "spatial_batchnorm_forward": [(SPATIAL_ROWS, "channels_last = x.reshape(-1, c)"),
+                                          (SPATIAL_BACK, "out = out_rows.reshape(n, c, h, w)")],
+            "spatial_batchnorm_backward": [(SPATIAL_DOUT_ROWS, "dout_rows = dout.reshape(-1, c)"),
+                                           (SPATIAL_DX_BACK, "dx = dx_rows.reshape(n, c, h, w)")]},
+            "lose": {"test_spatial_forward", "test_spatial_backward"}, "says": "x.reshape(-1, C)"},
+        "per-pixel": {"replace": {"spatial_batchnorm_forward": [
+            (SPATIAL_ROWS, "channels_last = x.reshape(n, c * h * w)"),
+            ("bn1d_forward(channels_last, gamma, beta, eps)",
+             "bn1d_forward(channels_last, np.repeat(gamma, h * w), np.repeat(beta, h * w), eps)"),
+            (SPATIAL_BACK, "out = out_rows.reshape(n, c, h, w)")]},
+            "lose": {"test_spatial_forward", "test_spatial_backward"}, "says": "the statistics are per pixel"},
+        "over-chw": {"replace": {"spatial_batchnorm_forward": [(SPATIAL_BACK, SPATIAL_BACK + (
+            "\n    mu = x.mean(axis=(1, 2, 3), keepdims=True)"
+            "\n    sd = np.sqrt(x.var(axis=(1, 2, 3), keepdims=True) + eps)"
+            "\n    out = (x - mu) / sd * gamma[:, None, None] + beta[:, None, None]"))]},
+            "lose": {"test_spatial_forward"}, "says": "taken over (C, H, W)"},
+        "swapaxes": {"replace": {  # a different, correct way to move the channel axis
+            "spatial_batchnorm_forward": [(SPATIAL_ROWS, "channels_last = x.swapaxes(1, 3).reshape(-1, c)"),
+                                          (SPATIAL_BACK, "out = out_rows.reshape(n, w, h, c).swapaxes(1, 3)")],
+            "spatial_batchnorm_backward": [(SPATIAL_DOUT_ROWS, "dout_rows = dout.swapaxes(1, 3).reshape(-1, c)"),
+                                           (SPATIAL_DX_BACK, "dx = dx_rows.reshape(n, w, h, c).swapaxes(1, 3)")]},
+            "lose": set()},
+        "fold-no-mean": {"replace": {"fold_batchnorm": [(FOLD_BIAS, "folded_bias = bias * per_channel + beta")]},
+                         "lose": {"test_fold"}, "says": "the running mean is missing"},
+        "fold-no-eps": {"replace": {"fold_batchnorm": [(FOLD_SCALE, "per_channel = gamma / np.sqrt(running_var)")]},
+                        "lose": {"test_fold"}, "says": "eps is missing"},
+    },
+    "ch07_dropout": {
+        "solution": {},
+        "blank": None,
+        "no-train-scale": {"replace": {"dropout_forward": [(DROPOUT_TRAIN_FACTOR, "factor = 1.0")]},
+                           "lose": {"test_dropout_train", "test_dropout_backward"}, "says": "no scaling at train time"},
+        "eval-scaled": {"replace": {"dropout_forward": [(DROPOUT_EVAL_FACTOR, "factor = keep")]},
+                        "lose": {"test_dropout_eval", "test_dropout_backward"}, "says": "scaling in eval mode"},
+        "p-as-keep": {"replace": {"dropout_forward": [("keep = 1.0 - p", "keep = p")]},
+                      "lose": {"test_dropout_train", "test_dropout_classic", "test_dropout_backward"},
+                      "says": "p is used as the keep probability"},
+        "new-mask-backward": {"replace": {"dropout_backward": [
+            ("dx = dout * kept * factor",
+             "dx = dout * (np.random.default_rng().random(dout.shape) < kept.mean()) * factor")]},
+            "lose": {"test_dropout_backward"}, "says": "a new mask is drawn in the backward pass"},
+        "eval-mask": {"replace": {"dropout_forward": [("if not train:", "if False:")]},
+                      "lose": {"test_dropout_eval", "test_dropout_classic", "test_dropout_backward"},
+                      "says": "a mask is applied in eval mode"},
+        "binomial": {"replace": {"dropout_forward": [  # another random stream, still correct
+            ("kept = rng.random(x.shape) < keep", "kept = rng.binomial(1, keep, size=x.shape)")]}, "lose": set()},
     },
 }
 

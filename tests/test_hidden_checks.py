@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bnref
-from bngrade import ch01, ch02, compare
+from bngrade import ch01, ch02, ch06, ch07, compare
 from bngrade.questions import QUESTIONS, check_choice
 
 
@@ -28,13 +28,18 @@ def test_correct_code_passes(check, fn):
     check(fn)
 
 
-@pytest.mark.parametrize("mistake", ch02.FORWARD_MISTAKES, ids=lambda m: m.message[:40])
-def test_each_forward_mistake_is_named(mistake):
+FORWARD_CHECKS = ([(ch02.check_batchnorm_forward, m) for m in ch02.FORWARD_MISTAKES]
+                  + [(ch06.check_spatial_forward, m) for m in ch06.FORWARD_MISTAKES])
+
+
+@pytest.mark.parametrize("check,mistake", FORWARD_CHECKS,
+                         ids=[f"{c.__name__}-{m.message[:30]}" for c, m in FORWARD_CHECKS])
+def test_each_forward_mistake_is_named(check, mistake):
     def student(x, gamma, beta, eps=1e-5):
         return mistake.fn(x, gamma, beta, eps).astype(x.dtype), None
 
     with pytest.raises(AssertionError, match=re.escape(mistake.message[:30])):
-        ch02.check_batchnorm_forward(student)
+        check(student)
 
 
 @pytest.mark.parametrize("mistake", ch02.RUNNING_MISTAKES, ids=lambda m: m.message[:40])
@@ -108,7 +113,6 @@ def test_questions_accept_only_the_key(question):
 
 
 # Chapter 6: spatial batch norm and folding; chapter 7: dropout.
-from bngrade import ch06, ch07  # noqa: E402
 
 
 def _spatial_student(to_rows, from_rows):
@@ -178,15 +182,6 @@ def _numpy_stats_student(axes):
 def test_wrong_statistics_axes_are_named(axes, says):
     with pytest.raises(AssertionError, match=re.escape(says)):
         ch06.check_spatial_forward(_numpy_stats_student(axes))
-
-
-@pytest.mark.parametrize("mistake", ch06.FORWARD_MISTAKES, ids=lambda m: m.message[:40])
-def test_each_spatial_forward_mistake_is_named(mistake):
-    def student(x, gamma, beta, eps=1e-5):
-        return mistake.fn(x, gamma, beta, eps).astype(x.dtype), None
-
-    with pytest.raises(AssertionError, match=re.escape(mistake.message[:30])):
-        ch06.check_spatial_forward(student)
 
 
 @pytest.mark.parametrize("mistake", ch06.BACKWARD_MISTAKES, ids=lambda m: m.message[:40])
@@ -311,3 +306,298 @@ def test_a_mask_shared_across_samples_is_named():
 
     with pytest.raises(AssertionError, match="decisions are shared"):
         ch07.check_dropout_train(student)
+
+
+# Chapter 3: backward passes graded through the student's own forward pass and cache
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+import jupytext  # noqa: E402
+import torch  # noqa: E402
+
+from bngrade import ch03  # noqa: E402
+from bngrade.course import SOURCES  # noqa: E402
+from class_roster import ROSTER  # noqa: E402
+from submissions import solution_cells  # noqa: E402
+
+CH03 = "ch03_batchnorm_backward"
+
+
+def _ch03_notebook(spec):
+    """Run the ch03 source notebook as the roster submission ``spec`` fills it in, hidden tests included.
+
+    Returns:
+        (namespace, {grade cell: error message} of the grade cells that raised).
+    """
+    answers = solution_cells(CH03)
+    namespace, failures = {}, {}
+    default_dtype = torch.get_default_dtype()  # the notebook's setup cell changes it
+    try:
+        for cell in jupytext.read(SOURCES / f"{CH03}.md").cells:
+            meta = cell.metadata.get("nbgrader", {})
+            if cell.cell_type != "code":
+                continue
+            source = cell.source
+            if meta.get("solution"):
+                source = answers[meta["grade_id"]]
+                for old, new in spec.get("replace", {}).get(meta["grade_id"], []):
+                    assert old in source, f"mutant text {old!r} not found in cell {meta['grade_id']}"
+                    source = source.replace(old, new)
+                source = spec.get("override", {}).get(meta["grade_id"], source)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(source, namespace)
+            except Exception as err:  # a failing cell, as nbgrader would record it
+                if meta.get("grade"):
+                    failures[meta["grade_id"]] = f"{type(err).__name__}: {err}"
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return namespace, failures
+
+
+@pytest.mark.parametrize("student", [s for s, spec in ROSTER[CH03].items() if spec is not None])
+def test_ch03_roster_loses_exactly_its_cells_and_is_told_why(student):
+    """The seeded ch03 class without nbgrader (fast); test_grading grades the same class with it."""
+    spec = ROSTER[CH03][student]
+    _, failures = _ch03_notebook(spec)
+    assert set(failures) == spec.get("lose", set()), failures
+    if "says" in spec:
+        assert any(spec["says"] in message for message in failures.values()), failures
+
+
+def test_ch03_blank_notebook_fails_every_grade_cell():
+    blank = {grade_id: "raise NotImplementedError()" for grade_id in solution_cells(CH03)}
+    _, failures = _ch03_notebook({"override": blank})
+    cells = jupytext.read(SOURCES / f"{CH03}.md").cells
+    assert set(failures) == {c.metadata["nbgrader"]["grade_id"] for c in cells
+                             if c.metadata.get("nbgrader", {}).get("grade")}
+
+
+@pytest.mark.parametrize("backward", [bnref.batchnorm_backward, bnref.batchnorm_backward_alt],
+                         ids=lambda f: f.__name__)
+def test_ch03_any_correct_backward_passes_whatever_its_cache(backward):
+    ch03.check_batchnorm_backward(bnref.batchnorm_forward, backward)
+
+
+def test_ch03_float32_kept_all_the_way_passes():
+    """A float32 student with other rounding than the reference gets full marks."""
+    def forward(x, gamma, beta, eps=1e-5):
+        eps = np.asarray(eps, dtype=x.dtype)
+        mean = np.sum(x, axis=0, dtype=x.dtype) / x.shape[0]
+        var = np.sum((x - mean) ** 2, axis=0, dtype=x.dtype) / x.shape[0]
+        x_hat = (x - mean) / np.sqrt(var + eps)
+        return gamma * x_hat + beta, (x_hat, gamma, var + eps)
+
+    def backward(dout, cache):
+        x_hat, gamma, var_eps = cache
+        dbeta, dgamma = dout.sum(axis=0), (dout * x_hat).sum(axis=0)
+        return gamma / np.sqrt(var_eps) * (dout - dbeta / len(dout) - x_hat * dgamma / len(dout)), dgamma, dbeta
+
+    ch03.check_batchnorm_backward(forward, backward)
+
+
+def _forward_keeping_inputs(x, gamma, beta, eps=1e-5):
+    """A student forward whose cache is simply its inputs."""
+    return bnref.batchnorm_forward(x, gamma, beta, eps)[0], (x, gamma, beta, eps)
+
+
+@pytest.mark.parametrize("mistake", ch03.BACKWARD_MISTAKES, ids=lambda m: m.message[:50])
+def test_each_ch03_backward_mistake_is_named(mistake):
+    def backward(dout, cache):
+        return tuple(np.asarray(g).astype(cache[0].dtype) for g in mistake.fn(*cache, dout))
+
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:40])):
+        ch03.check_batchnorm_backward(_forward_keeping_inputs, backward)
+
+
+def test_ch03_backward_names_a_wrong_forward_first():
+    def forward(x, gamma, beta, eps=1e-5):
+        return ch02.FORWARD_MISTAKES[0].fn(x, gamma, beta, eps).astype(x.dtype), (x, gamma, beta, eps)
+
+    with pytest.raises(AssertionError, match="graded with the cache of your batchnorm_forward.*divides by N-1"):
+        ch03.check_batchnorm_backward(forward, lambda dout, cache: bnref.batchnorm_backward_alt(
+            dout, bnref.batchnorm_forward(*cache)[1]))
+
+
+def test_ch03_reference_package_is_refused_in_the_backward():
+    """compare's reference check looks at both graded parts of the forward-then-backward chain."""
+    nb, _ = _ch03_notebook({})
+    ch03.check_batchnorm_backward(nb["batchnorm_forward"], nb["batchnorm_backward"])
+    namespace = {"bnref": bnref}
+    exec("def backward(dout, cache):\n    return bnref.batchnorm_backward_alt(dout, cache)", namespace)
+    with pytest.raises(AssertionError, match="reference package"):
+        ch03.check_batchnorm_backward(nb["batchnorm_forward"], namespace["backward"])
+
+
+@pytest.mark.parametrize("mistake", ch03.INFERENCE_BACKWARD_MISTAKES, ids=lambda m: m.message[:50])
+def test_each_ch03_inference_backward_mistake_is_named(mistake):
+    def student(*args):
+        return tuple(np.asarray(g).astype(args[1].dtype) for g in mistake.fn(*args))
+
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:40])):
+        ch03.check_batchnorm_inference_backward(student)
+
+
+@pytest.mark.parametrize("check,mistake", [(ch03.check_eval_numerical_gradient, m) for m in ch03.GRADCHECK_MISTAKES]
+                         + [(ch03.check_rel_error, m) for m in ch03.REL_ERROR_MISTAKES],
+                         ids=lambda arg: getattr(arg, "message", getattr(arg, "__name__", ""))[:50])
+def test_each_gradcheck_tool_mistake_is_named(check, mistake):
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:40])):
+        check(mistake.fn)
+
+
+def test_gradcheck_that_leaves_x_perturbed_in_the_callers_array_is_named():
+    def student(f, x, df, h=1e-5):
+        grad = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            x[i] += h
+            up = f(x)
+            x[i] -= 2 * h
+            grad[i] = np.sum((up - f(x)) * df) / (2 * h)
+        return grad
+
+    with pytest.raises(AssertionError, match="x is not restored|modifies its input"):
+        ch03.check_eval_numerical_gradient(student)
+
+
+def test_rel_error_without_a_floor_is_named():
+    with pytest.raises(AssertionError, match="floor the denominator"):
+        ch03.check_rel_error(lambda a, b: np.max(np.abs(a - b) / (np.abs(a) + np.abs(b))))
+
+
+class _EvalBackwardThroughBatchStats(bnref.BatchNorm1d):
+    def backward(self, dout):
+        if self.cache is None:
+            _, self.cache = bnref.batchnorm_forward(self.eval_args[0], self.gamma, self.beta, self.eps)
+        return super().backward(dout)
+
+
+class _TrainBackwardWithoutStats(bnref.BatchNorm1d):
+    def backward(self, dout):
+        if self.cache is not None:
+            x = self.cache.x
+            self.eval_args = (x, self.gamma, self.cache.mean, self.cache.var, self.eps)
+            self.cache = None
+        return super().backward(dout)
+
+
+class _NoParameterGradients(bnref.BatchNorm1d):
+    def backward(self, dout):
+        dx = super().backward(dout)
+        del self.dgamma
+        return dx
+
+
+@pytest.mark.parametrize("layer,says", [
+    (_EvalBackwardThroughBatchStats, "after an eval-mode forward it uses the training-mode gradient"),
+    (_TrainBackwardWithoutStats, "yours treats them as constants"),
+    (_NoParameterGradients, "set self.dgamma and self.dbeta"),
+])
+def test_each_layer_backward_mistake_is_named(layer, says):
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        ch03.check_batchnorm1d_backward(layer)
+
+
+# --- chapter 4: the find-and-fix-the-bug exercise -------------------------------------------------------------
+
+from bngrade import ch04  # noqa: E402
+from bnref import mlp  # noqa: E402
+
+CH04_CHECKS = {"evaluate": ch04.check_evaluate, "train_epoch": ch04.check_train_epoch,
+               "recalibrate": ch04.check_recalibrate}
+CH04_MISTAKES = ([("evaluate", m) for m in ch04.EVALUATE_MISTAKES] + [("train_epoch", m) for m in ch04.TRAIN_MISTAKES]
+                 + [("recalibrate", m) for m in ch04.RECALIBRATE_MISTAKES])
+
+
+def _evaluate_restoring_the_mode(model, x, y):
+    """Correct, written differently: restores the mode it found, and counts hits by hand."""
+    was_training = model.training
+    model.eval()
+    scores = model.forward(x)
+    if was_training:
+        model.train()
+    loss = mlp.softmax_cross_entropy(scores, y)[0]
+    return loss, sum(int(s.argmax() == t) for s, t in zip(scores, y)) / len(y)
+
+
+def _train_epoch_updating_after_the_step(model, x, y, lr, batch_size, rng):
+    """Correct: the update ops may run after the SGD step, which does not touch the queued statistics."""
+    model.train()
+    order = rng.permutation(len(x))
+    losses = []
+    for i in range(len(x) // batch_size):
+        batch = order[i * batch_size:(i + 1) * batch_size]
+        loss, dscores = mlp.softmax_cross_entropy(model.forward(x[batch]), y[batch])
+        model.backward(dscores)
+        model.sgd_step(lr)
+        model.run_update_ops()
+        losses.append(loss)
+    return losses
+
+
+def _recalibrate_by_hand(model, x):
+    """Correct: assigns the queued full-batch statistics directly instead of changing the momentum."""
+    model.train()
+    model.forward(x)
+    for layer in model.bn_layers:
+        layer.running_mean, layer.running_var = layer.pending
+        layer.pending = None
+    model.eval()
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("evaluate", mlp.evaluate), ("train_epoch", mlp.train_epoch), ("recalibrate", mlp.recalibrate_bn),
+    ("evaluate", _evaluate_restoring_the_mode), ("train_epoch", _train_epoch_updating_after_the_step),
+    ("recalibrate", _recalibrate_by_hand),
+])
+def test_ch04_correct_code_passes(name, fn):
+    CH04_CHECKS[name](fn)
+
+
+@pytest.mark.parametrize("name,mistake", CH04_MISTAKES, ids=lambda v: v if isinstance(v, str) else v.message[:40])
+def test_each_ch04_pitfall_is_named(name, mistake):
+    with pytest.raises(AssertionError, match=re.escape(f"{name}: {mistake.message[:40]}")):
+        CH04_CHECKS[name](mistake.fn)
+
+
+def test_ch04_messages_name_the_fix():
+    messages = " ".join(m.message for _, m in CH04_MISTAKES)
+    for fix in ("call model.eval() first", "model.run_update_ops()", "UPDATE_OPS", "call model.train()",
+                "momentum to 1"):
+        assert fix in messages
+
+
+def test_update_ops_never_run_is_named_even_when_the_batching_differs():
+    def student(model, x, y, lr, batch_size, rng):  # its own batching, and no update ops
+        model.train()
+        for start in range(0, len(x), batch_size):
+            scores = model.forward(x[start:start + batch_size])
+            model.backward(mlp.softmax_cross_entropy(scores, y[start:start + batch_size])[1])
+            model.sgd_step(lr)
+        return np.zeros(len(x) // batch_size)
+
+    with pytest.raises(AssertionError, match="the running statistics are never updated"):
+        ch04.check_train_epoch(student)
+
+
+def test_other_train_epoch_differences_get_a_clear_message():
+    def student(model, x, y, lr, batch_size, rng):  # two steps per batch
+        for _ in range(2):
+            losses = mlp.train_epoch(model, x, y, lr, batch_size, rng)
+        return losses
+
+    with pytest.raises(AssertionError, match="keep the given shuffling"):
+        ch04.check_train_epoch(student)
+
+
+def test_a_crashing_or_unfinished_ch04_function_is_reported():
+    def unfinished(model, x, y):
+        raise NotImplementedError()
+
+    with pytest.raises(AssertionError, match="evaluate is not implemented yet"):
+        ch04.check_evaluate(unfinished)
+    with pytest.raises(AssertionError, match="recalibrate raised AttributeError"):
+        ch04.check_recalibrate(lambda model, x: model.no_such_method())
+    with pytest.raises(AssertionError, match=re.escape("return (loss, accuracy)")):
+        ch04.check_evaluate(lambda model, x, y: 0.5)

@@ -18,9 +18,11 @@ MIN_CHARS = 10  # shorter lines (``return out``) say nothing about the solution
 def secret_lines():
     """{line: assignment} of every solution or hidden-test line, and the markers themselves."""
     secrets = {"### BEGIN SOLUTION": "marker", "### BEGIN HIDDEN TESTS": "marker"}
+    public = set()  # scaffolding any student is given (``return out``) is no secret
     for assignment in assignments():
         released = nbformat.read(chapter_dir(assignment) / f"{assignment}.ipynb", as_version=4)
-        public = {line.strip() for cell in released.cells for line in cell.source.splitlines()}
+        public |= {line.strip() for cell in released.cells for line in cell.source.splitlines()}
+    for assignment in assignments():
         for cell in jupytext.read(SOURCES / f"{assignment}.md").cells:
             for _, body in REGION.findall(cell.source + "\n"):
                 for line in body.splitlines():

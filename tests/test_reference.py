@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bnref
+from twins import lockstep, torch_twin
 
 DTYPES = [(np.float64, torch.float64, 1e-10), (np.float32, torch.float32, 2e-5)]
 
@@ -32,21 +33,9 @@ def test_layer_steps_in_lockstep_with_torch(dtype, tdtype, tol):
     rng = np.random.default_rng(1)
     d = 6
     ours = bnref.BatchNorm1d(d, momentum=0.2, dtype=dtype)
-    ours.gamma, ours.beta = _params(rng, d, dtype)
-    theirs = torch.nn.BatchNorm1d(d, momentum=0.2, dtype=tdtype)
-    with torch.no_grad():
-        theirs.weight.copy_(torch.from_numpy(ours.gamma))
-        theirs.bias.copy_(torch.from_numpy(ours.beta))
-    for step, mode in enumerate(["train"] * 4 + ["eval"] * 2 + ["train", "eval"]):
-        getattr(ours, mode)()
-        getattr(theirs, mode)()
-        x = rng.normal(1.0, 2.0, (10, d)).astype(dtype)
-        with torch.no_grad():
-            expected = theirs(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(ours(x), expected, rtol=tol, atol=tol, err_msg=f"step {step} {mode}")
-        np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=tol, atol=tol)
-        np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=tol, atol=tol)
-        assert ours.running_var.dtype == dtype
+    theirs = torch_twin(ours, torch.nn.BatchNorm1d, rng)
+    schedule = ["train"] * 4 + ["eval"] * 2 + ["train", "eval"]
+    lockstep(ours, theirs, schedule, [rng.normal(1.0, 2.0, (10, d)).astype(dtype) for _ in schedule], tol)
 
 
 def test_update_running_stats_uses_unbiased_variance_and_torch_momentum():

@@ -4,15 +4,12 @@ import pytest
 import torch
 
 import bnref
+from bngrade.ch06 import random_images
 from bnref.spatial import nchw_to_rows, rows_to_nchw
+from twins import lockstep, torch_twin
 
 DTYPES = [(np.float64, torch.float64, 1e-10), (np.float32, torch.float32, 5e-5)]
 SHAPES = [(2, 3, 4, 5), (8, 16, 7, 7), (1, 4, 3, 2), (5, 2, 1, 1)]
-
-
-def _images(rng, shape, dtype):
-    n, c, h, w = shape
-    return (rng.normal(0, 3, (1, c, 1, 1)) + rng.uniform(0.5, 3, (1, c, 1, 1)) * rng.standard_normal(shape)).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype,tdtype,tol", DTYPES)
@@ -20,7 +17,7 @@ def _images(rng, shape, dtype):
 def test_spatial_forward_and_backward_match_torch_autograd(shape, dtype, tdtype, tol):
     rng = np.random.default_rng(0)
     c = shape[1]
-    x = _images(rng, shape, dtype)
+    x = random_images(rng, shape, dtype)
     gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.normal(size=c).astype(dtype)
     dout = rng.standard_normal(shape).astype(dtype)
     out, cache = bnref.spatial_batchnorm_forward(x, gamma, beta, eps=1e-3)
@@ -40,7 +37,7 @@ def test_spatial_forward_and_backward_match_torch_autograd(shape, dtype, tdtype,
 
 def test_spatial_statistics_are_per_channel_over_n_h_w():
     rng = np.random.default_rng(1)
-    x = _images(rng, (6, 5, 4, 3), np.float64)
+    x = random_images(rng, (6, 5, 4, 3), np.float64)
     out, _ = bnref.spatial_batchnorm_forward(x, np.ones(5), np.zeros(5))
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0, atol=1e-12)
     np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1, atol=1e-4)
@@ -71,35 +68,15 @@ def test_spatial_rejects_bad_shapes():
 @pytest.mark.parametrize("dtype,tdtype,tol", DTYPES)
 def test_batchnorm2d_steps_in_lockstep_with_torch_forward_and_backward(dtype, tdtype, tol):
     rng = np.random.default_rng(2)
-    c = 4
-    ours = bnref.BatchNorm2d(c, momentum=0.3, dtype=dtype)
-    ours.gamma, ours.beta = rng.uniform(0.5, 2, c).astype(dtype), rng.normal(size=c).astype(dtype)
-    theirs = torch.nn.BatchNorm2d(c, momentum=0.3, dtype=tdtype)
-    with torch.no_grad():
-        theirs.weight.copy_(torch.from_numpy(ours.gamma))
-        theirs.bias.copy_(torch.from_numpy(ours.beta))
-    for step, mode in enumerate(["train"] * 4 + ["eval"] * 2 + ["train", "eval"]):
-        getattr(ours, mode)()
-        getattr(theirs, mode)()
-        x = _images(rng, (3, c, 5, 4), dtype)
-        xt = torch.tensor(x, requires_grad=True)
-        theirs.zero_grad()
-        expected = theirs(xt)
-        dout = rng.standard_normal(x.shape).astype(dtype)
-        expected.backward(torch.from_numpy(dout))
-        np.testing.assert_allclose(ours(x), expected.detach().numpy(), rtol=tol, atol=tol, err_msg=f"step {step} {mode}")
-        np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=tol, atol=tol)
-        np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=tol, atol=tol)
-        dx = ours.backward(dout)
-        assert dx.shape == x.shape
-        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=10 * tol, atol=10 * tol, err_msg=f"dx, step {step}")
-        np.testing.assert_allclose(ours.dgamma, theirs.weight.grad.numpy(), rtol=10 * tol, atol=100 * tol)
-        np.testing.assert_allclose(ours.dbeta, theirs.bias.grad.numpy(), rtol=10 * tol, atol=100 * tol)
+    ours = bnref.BatchNorm2d(4, momentum=0.3, dtype=dtype)
+    theirs = torch_twin(ours, torch.nn.BatchNorm2d, rng)
+    schedule = ["train"] * 4 + ["eval"] * 2 + ["train", "eval"]
+    lockstep(ours, theirs, schedule, [random_images(rng, (3, 4, 5, 4), dtype) for _ in schedule], tol, dout_rng=rng)
 
 
 def test_spatial_inference_matches_torch_eval():
     rng = np.random.default_rng(3)
-    x = _images(rng, (2, 3, 4, 4), np.float64)
+    x = random_images(rng, (2, 3, 4, 4), np.float64)
     params = [rng.uniform(0.5, 2, 3), rng.normal(size=3), rng.normal(size=3), rng.uniform(0.5, 2, 3)]
     out = bnref.spatial_batchnorm_inference(x, *params, eps=1e-3)
     g, b, rm, rv = (torch.from_numpy(p) for p in params)
@@ -110,7 +87,7 @@ def test_spatial_inference_matches_torch_eval():
 def test_nchw_and_nhwc_agree_after_a_transpose():
     """TF's axis=-1 on channels-last data is PyTorch's dim 1 on channels-first data."""
     rng = np.random.default_rng(4)
-    x = _images(rng, (4, 3, 5, 6), np.float64)
+    x = random_images(rng, (4, 3, 5, 6), np.float64)
     nhwc = x.transpose(0, 2, 3, 1)
     mean, var = nhwc.mean(axis=(0, 1, 2)), nhwc.var(axis=(0, 1, 2))  # tf.nn.moments(x, axes=[0, 1, 2])
     tf_style = (nhwc - mean) / np.sqrt(var + 1e-3)

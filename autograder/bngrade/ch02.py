@@ -7,7 +7,8 @@ import numpy as np
 
 import bnref
 
-from .compare import Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, compare, random_matrix
+from .compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, compare,
+                      random_matrix)
 
 SHAPES = [(2, 3), (7, 5), (64, 33), (129, 1)]
 
@@ -72,15 +73,7 @@ def check_forward_rejects_bad_input(student):
         "beta of the wrong length": (np.ones((5, d)), g, np.zeros(d - 1)),
         "a batch of one sample (N == 1) in training mode": (np.ones((1, d)), g, b),
     }
-    for what, args in bad.items():
-        try:
-            student(*args)
-        except ValueError:
-            continue
-        except Exception as exc:
-            raise AssertionError(f"batchnorm_forward raised {type(exc).__name__} for {what}; "
-                                 "raise a ValueError that names the expected shape") from None
-        raise AssertionError(f"batchnorm_forward accepted {what}; it must raise ValueError")
+    check_rejects(student, bad, "batchnorm_forward")
 
 
 def _inference_cases(seed=3):

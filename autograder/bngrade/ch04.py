@@ -27,21 +27,23 @@ def _digits():
     return x_train[:N_TRAIN], y_train[:N_TRAIN], x_test, y_test
 
 
-def _model(epochs=0, seed=0, bn=True, momentum=0.1, lr=0.1):
+def _model(epochs=0, seed=0, bn=True, momentum=0.1):
     """A small reference MLP, trained by the reference loop for ``epochs`` epochs, left in training mode."""
     x, y = _digits()[:2]
     model = mlp.MLP(SIZES, bn=bn, seed=seed, momentum=momentum)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
-        mlp.train_epoch(model, x, y, lr, 32, rng)
+        mlp.train_epoch(model, x, y, 0.1, 32, rng)
     return model.train()
 
 
-def _state(model):
-    """Every number the graded functions may change: parameters, then running statistics and momenta."""
-    arrays = model.parameters() + [a for layer in model.bn_layers
-                                   for a in (layer.running_mean, layer.running_var, [layer.momentum])]
-    return np.concatenate([np.ravel(a) for a in arrays])
+def _parts(model):
+    """(parameters, running statistics, momenta) of a model, each flattened."""
+    flat = [np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0) for arrays in (
+        model.parameters(),
+        [a for layer in model.bn_layers for a in (layer.running_mean, layer.running_var)],
+        [[layer.momentum] for layer in model.bn_layers])]
+    return tuple(flat)
 
 
 def _run(fn, name, *args):
@@ -58,9 +60,10 @@ def _check(student, reference, mistakes, name, cases, outcome, explain):
     """Compare ``outcome(student, args)`` with the reference's on every case, or name the mistake.
 
     Args:
-        cases: (label, args) pairs; each function gets its own deep copy of ``args``.
-        outcome: ``outcome(fn, args)`` runs ``fn(*args)`` and returns a flat float array.
-        explain: ``explain(got, expected, label)``, the message when no known mistake matches.
+        cases: (label, args) pairs; each function runs on its own deep copy of ``args``.
+        outcome: ``outcome(fn, args)`` runs ``fn(*args)`` and returns a tuple of arrays.
+        explain: ``explain(got, expected, args)`` returns the message when no known mistake
+            matches; ``args`` are the inputs as they were before the call.
     """
     check_not_reference(student, name)
     for label, args in cases:
@@ -75,7 +78,7 @@ def _check(student, reference, mistakes, name, cases, outcome, explain):
                 continue
             if close(got, wrong, tol=TOL):
                 raise AssertionError(f"{name}: {mistake.message} (on {label})")
-        raise AssertionError(explain(got, expected, label))
+        raise AssertionError(f"{name}: {explain(got, expected, args)} (on {label})")
 
 
 # --- evaluate -------------------------------------------------------------------------------------------------
@@ -107,21 +110,19 @@ EVALUATE_MISTAKES = [
 
 
 def _evaluate_outcome(fn, args):
-    model, x, y = args
-    result = fn(model, x, y)
+    result = fn(*args)
     try:
         loss, accuracy = (float(v) for v in result)
     except Exception:
         raise AssertionError(f"evaluate returned {result!r}; it must return (loss, accuracy), two numbers") from None
-    return np.concatenate([[loss, accuracy], _state(model)])
+    return (np.array([loss, accuracy]),) + _parts(args[0])
 
 
-def _explain_evaluate(got, expected, label):
-    if close(got[:2], expected[:2], tol=TOL):
-        return (f"evaluate changed the model's parameters or running statistics (on {label}); "
-                "evaluating must only read them")
-    return (f"evaluate returned (loss, accuracy) = ({got[0]:.6g}, {got[1]:.6g}) on {label}; the model in eval "
-            f"mode gives ({expected[0]:.6g}, {expected[1]:.6g})")
+def _explain_evaluate(got, expected, args):
+    if close(got[0], expected[0], tol=TOL):
+        return "evaluate changed the model's parameters or running statistics; evaluating must only read them"
+    return (f"evaluate returned (loss, accuracy) = ({got[0][0]:.6g}, {got[0][1]:.6g}); the model in eval mode "
+            f"gives ({expected[0][0]:.6g}, {expected[0][1]:.6g})")
 
 
 def _evaluate_cases():
@@ -138,7 +139,7 @@ def _evaluate_cases():
 
 
 def check_evaluate(student):
-    """Hidden test of ``evaluate(model, x, y) -> (loss, accuracy)``: eval mode, and the model is left unchanged."""
+    """Hidden test of ``evaluate(model, x, y) -> (loss, accuracy)``: eval mode, and the model left unchanged."""
     _check(student, mlp.evaluate, EVALUATE_MISTAKES, "evaluate", _evaluate_cases(), _evaluate_outcome,
            _explain_evaluate)
 
@@ -146,9 +147,9 @@ def check_evaluate(student):
 # --- train_epoch ----------------------------------------------------------------------------------------------
 
 
-def _variant_train_epoch(model, x, y, lr, batch_size, rng, mode="train", updates="every step"):
-    """The reference loop with one knob wrong: ``mode`` "train"/"as found", ``updates`` "every step"/"never"/"once"."""
-    if mode == "train":
+def _train_epoch_variant(model, x, y, lr, batch_size, rng, set_train_mode=True, updates="every step"):
+    """The reference loop with one thing wrong: no ``model.train()``, or ``updates`` "never" or "once"."""
+    if set_train_mode:
         model.train()
     order = rng.permutation(len(x))
     losses = []
@@ -165,54 +166,129 @@ def _variant_train_epoch(model, x, y, lr, batch_size, rng, mode="train", updates
     return np.array(losses)
 
 
+UPDATE_OPS_MESSAGE = ("the running statistics are never updated: a training-mode forward pass only queues their "
+                      "update, like the ops in TensorFlow 1's tf.GraphKeys.UPDATE_OPS. Call model.run_update_ops() "
+                      "after every forward pass, or evaluation will use running_mean = 0 and running_var = 1")
+
 TRAIN_MISTAKES = [
-    Mistake("the running statistics are never updated: a training-mode forward pass only queues their update, "
-            "like the ops in TensorFlow 1's tf.GraphKeys.UPDATE_OPS. Call model.run_update_ops() after every "
-            "forward pass, or evaluation will use running_mean = 0 and running_var = 1",
-            functools.partial(_variant_train_epoch, updates="never")),
-    Mistake("train_epoch trains the network in eval mode: call model.train() at the start (evaluate() leaves "
-            "the model in eval mode, so the next epoch would normalize with the running statistics and never "
-            "update them)", functools.partial(_variant_train_epoch, mode="as found")),
-    Mistake("the running statistics are updated once per epoch, with the last batch only: run the update ops "
-            "after every training step", functools.partial(_variant_train_epoch, updates="once")),
+    Mistake(UPDATE_OPS_MESSAGE, functools.partial(_train_epoch_variant, updates="never")),
+    Mistake("the network trains in eval mode: call model.train() at the start of train_epoch. evaluate() leaves "
+            "the model in eval mode, and an epoch in eval mode normalizes with the running statistics and "
+            "never updates them", functools.partial(_train_epoch_variant, set_train_mode=False)),
+    Mistake("the running statistics are updated once per epoch, from the last batch only: run the update ops "
+            "after every training step", functools.partial(_train_epoch_variant, updates="once")),
 ]
 
 
 def _train_outcome(fn, args):
-    model = args[0]
     losses = fn(*args)
     try:
         losses = np.asarray(losses, dtype=np.float64).ravel()
     except (TypeError, ValueError):
         raise AssertionError("train_epoch must return the array of the training losses of its steps") from None
-    return np.concatenate([_state(model), losses])
+    return _parts(args[0]) + (losses,)
 
 
-def _explain_train(got, expected, label):
-    n_state = len(expected) - len(expected[len(expected):])  # placeholder, replaced below
-    return n_state
+def _explain_train(got, expected, args):
+    params, running, momenta = _parts(args[0])  # before the epoch
+    if close(got[1], running, tol=TOL) and not close(got[0], params, tol=TOL):
+        return UPDATE_OPS_MESSAGE
+    if not close(got[0], expected[0], tol=TOL):
+        return ("after one epoch the parameters differ from the reference's: keep the given shuffling (one "
+                "rng.permutation(len(x))) and batching, and take one SGD step per batch")
+    if not close(got[1:3], expected[1:3], tol=TOL):
+        return ("after one epoch the running statistics differ from the reference's: run model.run_update_ops() "
+                "once after each training forward pass, and leave the momentum alone")
+    return (f"train_epoch returned {got[3].size} losses that differ from the {expected[3].size} expected: "
+            "return the training loss of every step, in order")
 
 
 def _train_cases():
-    """A fresh BN model left in eval mode (as evaluate leaves it), and one trained for an epoch."""
+    """A fresh BN model left in eval mode (as evaluate leaves it), and a BN model trained for an epoch."""
     x, y = _digits()[:2]
-    return [("a fresh BN model in eval mode, batches of 32", (_model().eval(), x, y, 0.1, 32, np.random.default_rng(7))),
-            ("a BN model after one epoch, batches of 50", (_model(epochs=1, seed=2), x, y, 0.05, 50,
-                                                           np.random.default_rng(8)))]
+    return [("a fresh BN model in eval mode, batches of 32",
+             (_model().eval(), x, y, 0.1, 32, np.random.default_rng(7))),
+            ("a BN model after one epoch, batches of 50",
+             (_model(epochs=1, seed=2), x, y, 0.05, 50, np.random.default_rng(8)))]
 
 
 def check_train_epoch(student):
     """Hidden test of ``train_epoch(model, x, y, lr, batch_size, rng) -> losses``."""
-    cases = _train_cases()
+    _check(student, mlp.train_epoch, TRAIN_MISTAKES, "train_epoch", _train_cases(), _train_outcome, _explain_train)
 
-    def explain(got, expected, label):
-        model = cases[0][1][0]
-        n_state = len(_state(model))
-        if len(got) != len(expected):
-            return (f"train_epoch returned {len(got) - n_state} losses on {label}, expected one per step "
-                    f"({len(expected) - n_state}): keep the given batching")
-        running = [i for i in range(n_state) if i >= len(model.parameters() and np.concatenate(
-            [np.ravel(p) for p in model.parameters()]))]
-        return f"{running}"
 
-    _check(student, mlp.train_epoch, TRAIN_MISTAKES, "train_epoch", cases, _train_outcome, explain)
+# --- recalibrate ----------------------------------------------------------------------------------------------
+
+
+def _recalibrate_blend(model, x):
+    """The buggy version of the notebook: one training-mode pass, then the update ops at the layers' momentum."""
+    model.train()
+    model.forward(x)
+    model.run_update_ops()
+    model.eval()
+
+
+def _recalibrate_without_restoring(model, x):
+    for layer in model.bn_layers:
+        layer.momentum = 1.0
+    _recalibrate_blend(model, x)
+
+
+def _recalibrate_in_eval_mode(model, x):
+    model.eval()
+    model.forward(x)
+    model.run_update_ops()
+
+
+def _recalibrate_by_batches(model, x, batch_size=64):
+    momenta = [layer.momentum for layer in model.bn_layers]
+    for layer in model.bn_layers:
+        layer.momentum = 1.0
+    model.train()
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+        model.forward(x[start:start + batch_size])
+        model.run_update_ops()
+    for layer, momentum in zip(model.bn_layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+
+
+RECALIBRATE_MISTAKES = [
+    Mistake("recalibration blends the full-training-set statistics into the old running averages (one "
+            "moving-average step at the layers' momentum) instead of replacing them: set each BN layer's "
+            "momentum to 1 for this pass, then restore it", _recalibrate_blend),
+    Mistake("recalibrate leaves momentum = 1 in the BN layers: restore each layer's momentum afterwards, or every "
+            "later training step will overwrite the running statistics with those of a single batch",
+            _recalibrate_without_restoring),
+    Mistake("the running statistics did not change: the statistics come from a training-mode forward pass, "
+            "whose queued updates model.run_update_ops() applies", _recalibrate_in_eval_mode),
+    Mistake("the running statistics are those of the last mini-batch: pass the whole training set as one batch",
+            _recalibrate_by_batches),
+]
+
+
+def _recalibrate_outcome(fn, args):
+    fn(*args)
+    return _parts(args[0])
+
+
+def _explain_recalibrate(got, expected, args):
+    if not close(got[0], expected[0], tol=TOL):
+        return "recalibrate changed the weights; it must only replace the running statistics"
+    if not close(got[2], expected[2], tol=TOL):
+        return "recalibrate changed the layers' momentum; restore the momentum each layer had"
+    return ("the running statistics are not the mean and unbiased variance of each BN layer's input over the whole "
+            "training set, computed in one training-mode pass")
+
+
+def _recalibrate_cases():
+    x = _digits()[0]
+    return [("a BN model after 3 epochs, momentum 0.1", (_model(epochs=3), x)),
+            ("a BN model after 1 epoch, momentum 0.01", (_model(epochs=1, seed=4, momentum=0.01), x)),
+            ("an untrained BN model in eval mode", (_model(seed=5).eval(), x))]
+
+
+def check_recalibrate(student):
+    """Hidden test of ``recalibrate(model, x)``: running statistics of the whole training set, momentum kept."""
+    _check(student, mlp.recalibrate_bn, RECALIBRATE_MISTAKES, "recalibrate", _recalibrate_cases(),
+           _recalibrate_outcome, _explain_recalibrate)

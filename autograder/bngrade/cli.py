@@ -4,6 +4,9 @@
     grade ASSIGNMENT SUBMISSIONS  collect a folder or zip, autograde, export grades.csv, feedback
     export                        rewrite grades.csv from the gradebook
     feedback ASSIGNMENT           regenerate the feedback HTML
+
+GPU assignments (ch05_cupy_kernels) are graded only on a machine with a CUDA GPU;
+elsewhere `grade` refuses them with exit code 2 before collecting anything.
 """
 import argparse
 import sys

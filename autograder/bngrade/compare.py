@@ -166,6 +166,21 @@ def check_dtype(student, case, name):
                              "(float32 in, float32 out), as PyTorch does")
 
 
+def check_rejects(student, bad, name):
+    """Assert that ``student(*args)`` raises ValueError for every ``{what: args}`` of ``bad``."""
+    for what, args in bad.items():
+        try:
+            student(*args)
+        except ValueError:
+            continue
+        except NotImplementedError:
+            raise AssertionError(f"{name} is not implemented yet.") from None
+        except Exception as exc:
+            raise AssertionError(f"{name} raised {type(exc).__name__} for {what}; "
+                                 "raise a ValueError that names the expected shape") from None
+        raise AssertionError(f"{name} accepted {what}; it must raise ValueError")
+
+
 def random_matrix(rng, shape, dtype, loc=0.0, scale=1.0):
     """An (N, D) Gaussian matrix with per-feature means spread around ``loc``."""
     n, d = shape

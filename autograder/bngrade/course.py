@@ -58,6 +58,7 @@ class Course:
         # nbgrader shells out to `alembic` when it creates a gradebook: use this environment's.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.setdefault("PYTHONWARNINGS", "ignore")
+        env.setdefault("BNREF_PROGRESS", "0")  # no progress bars from the notebooks' training loops
         proc = subprocess.Popen(
             [sys.executable, "-m", "nbgrader", *args], cwd=self.root, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -81,6 +82,8 @@ class Course:
         """Convert the solved text source to ``source/<id>/<id>.ipynb`` (no outputs)."""
         nb = jupytext.read(SOURCES / f"{assignment}.md")
         nb.metadata.pop("jupytext", None)
+        for index, cell in enumerate(nb.cells):  # stable ids keep the generated notebooks diffable
+            cell.id = cell.metadata.get("nbgrader", {}).get("grade_id", f"cell-{index}")
         target = self.path("source", assignment, f"{assignment}.ipynb")
         target.parent.mkdir(parents=True, exist_ok=True)
         jupytext.write(nb, target, fmt="ipynb")

@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
+from .device import GPU_ASSIGNMENTS, GPU_NOTEBOOK_WALL_SECONDS, require_device
 from .intake import STUDENT_ID, Problem, collect
 
 # Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook.
@@ -56,11 +57,15 @@ def grade_student(course, assignment, student, cell_timeout=None):
     return problems
 
 
-def autograde_student(course, assignment, student, cell_timeout=None, wall_seconds=NOTEBOOK_WALL_SECONDS):
+def autograde_student(course, assignment, student, cell_timeout=None, wall_seconds=None):
     """Autograde one submission; returns a list of problems (empty when all went well).
 
-    ``cell_timeout`` (seconds) overrides the configured per-cell limit.
+    ``cell_timeout`` (seconds) overrides the configured per-cell limit. ``wall_seconds`` caps
+    the whole notebook (default: NOTEBOOK_WALL_SECONDS, or GPU_NOTEBOOK_WALL_SECONDS for a
+    GPU assignment, whose hung kernel cannot be interrupted, only killed).
     """
+    if wall_seconds is None:
+        wall_seconds = GPU_NOTEBOOK_WALL_SECONDS if assignment in GPU_ASSIGNMENTS else NOTEBOOK_WALL_SECONDS
     extra = [f"--Execute.timeout={cell_timeout}"] if cell_timeout else []
     for attempt in range(LOCK_RETRIES + 1):
         code, log = course.nbgrader("autograde", assignment, "--student", student, "--force", *extra,
@@ -98,7 +103,11 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
 
     Returns:
         {student: [problems]} for every student found, and the path of grades.csv.
+
+    Raises:
+        Problem: before anything is collected, for a GPU assignment on a machine without a GPU.
     """
+    require_device(assignment)
     students, intake_problems = collect(submissions, assignment, course)
     report = {who: [msg] for who, msg in intake_problems.items()}
     with ThreadPoolExecutor(max(1, jobs)) as pool:

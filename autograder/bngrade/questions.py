@@ -60,6 +60,36 @@ QUESTIONS = {
                  "sqrt(running_var + eps), so dx is not 0.",
         },
     },
+    "ch04_update_ops": {
+        "answer": "D",
+        "why": {
+            "A": "A learning rate too large would show in the training accuracy too; here training looks fine and "
+                 "only the evaluation with training=False fails.",
+            "B": "With training=False the layer uses moving_mean and moving_variance, not the statistics of the test "
+                 "batch, so the size of the test set does not matter.",
+            "C": "eps = 1e-3 barely changes features whose variance is of order 1; it cannot turn 99% into chance.",
+        },
+    },
+    "ch04_batch_of_two": {
+        "answer": "C",
+        "why": {
+            "A": "The unbiased correction only enters the running average; the batch itself is normalized with the "
+                 "biased variance, and with two samples that maps them to -1 and +1 whatever their values.",
+            "B": "Two samples are accepted (only one is refused), and the variance of two different values is not 0.",
+            "D": "gamma and beta can rescale and shift the +-1 outputs, but cannot bring back how far apart the two "
+                 "samples were: that information is gone.",
+        },
+    },
+    "ch04_learning_rate": {
+        "answer": "A",
+        "why": {
+            "B": "Training-mode BN normalizes with the batch statistics; the running averages are only used in "
+                 "eval mode.",
+            "C": "BN does not clip anything: its gradient is an exact derivative.",
+            "D": "BN adds parameters (gamma and beta); the number of parameters is not what sets the largest "
+                 "stable step.",
+        },
+    },
     "ch06_param_count": {
         "answer": "B",
         "why": {

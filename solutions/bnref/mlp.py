@@ -12,6 +12,8 @@ The update takes effect when :meth:`MLP.run_update_ops` runs. A training
 loop that forgets it trains well and evaluates with running statistics that
 never left their initial values (mean 0, variance 1).
 """
+import copy
+
 import numpy as np
 
 from .layers import BatchNorm1d
@@ -321,6 +323,7 @@ def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="ep
     Args:
         model: an :class:`MLP`.
         data: (x_train, y_train, x_test, y_test) as from :func:`bnref.data.load_digits`.
+        lr, batch_size: as in :func:`train_epoch`; seed: of the shuffling.
         recalibrate: also record the test metrics after :func:`recalibrate_bn`
             (on a copy, so the running averages of the training run are kept).
 
@@ -329,8 +332,6 @@ def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="ep
         ``train_acc``, ``test_loss``, ``test_acc`` (eval mode), plus
         ``test_acc_recal`` when ``recalibrate``.
     """
-    import copy
-
     x_train, y_train, x_test, y_test = data
     rng = np.random.default_rng(seed)
     history = {key: [] for key in ("step_loss", "train_loss", "train_acc", "test_loss", "test_acc")}

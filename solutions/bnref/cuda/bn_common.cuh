@@ -192,6 +192,49 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
     return last;
 }
 
+// Level 4 for 1-D blocks (the ncs kernels). Thread 0 holds its block's total v
+// for the channel whose G partial slots start at slot0. Every block stores
+// its partial and takes a ticket; returns false in all blocks but the last,
+// where v becomes the channel's total (in thread 0), merged in slot order.
+template <class T>
+__device__ __forceinline__ bool merge_blocks_1d(T& v, T* smem, float* partials, unsigned int* counter,
+                                                long long slot0, unsigned int g, unsigned int G) {
+    __shared__ bool is_last;
+    if (threadIdx.x == 0) {
+        store_partial(partials, slot0 + g, v);
+        is_last = arrive_last(counter, G);
+    }
+    __syncthreads();
+    if (!is_last) return false;
+    v = identity(v);
+    for (unsigned int k = threadIdx.x; k < G; k += blockDim.x) v = combine(v, load_partial(partials, slot0 + k, v));
+    v = block_reduce_1d(v, smem);
+    return true;
+}
+
+// Level 4 for 2-D blocks (the mc kernels): the same, with one partial per
+// channel column (threadIdx.x) and thread row ty merging slots ty, ty + by, ...;
+// the column total ends in every thread of the column.
+template <class T>
+__device__ __forceinline__ bool merge_blocks_rows(T& v, T* smem, float* partials, unsigned int* counter,
+                                                  long long slot0, bool has_channel, unsigned int g, unsigned int G) {
+    __shared__ bool is_last;
+    if (threadIdx.y == 0 && has_channel) {
+        store_partial(partials, slot0 + g, v);
+        __threadfence();  // each writer publishes its own partial before thread (0, 0) takes the ticket
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) is_last = arrive_last(counter, G);
+    __syncthreads();
+    if (!is_last) return false;
+    v = identity(v);
+    if (has_channel) {
+        for (unsigned int k = threadIdx.y; k < G; k += blockDim.y) v = combine(v, load_partial(partials, slot0 + k, v));
+    }
+    v = block_reduce_rows(v, smem);
+    return true;
+}
+
 // ---------------------------------------------------------------------------
 // The per-channel walk of an NCHW tensor seen as (N, C, S), S = H * W.
 // Element j of channel c (0 <= j < N*S) sits at n*C*S + c*S + s with

@@ -1,0 +1,242 @@
+"""Hidden tests of chapter 5, *CuPy GPU kernels* (a GPU assignment: see :mod:`bngrade.device`).
+
+Each check takes the student's function and an array module ``xp`` (CuPy by
+default). Test data are made with NumPy, moved to ``xp``, and the results
+moved back and compared with float64 references of the same float32 data.
+On a CPU the checks run with ``xp=numpy`` and NumPy stand-ins for the
+student code, which is how their logic is tested without a GPU.
+"""
+import numpy as np
+
+import bnref
+
+from .compare import Case, Mistake, check_not_reference, close, compare, tolerance
+from .device import default_xp, on_device
+
+# float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
+STATS_SHAPES = [(2, 3, 5, 7), (3, 4, 17, 19), (64, 3, 1, 1), (5, 6, 33, 31), (1, 2, 300, 1)]
+
+
+# --- 1. Chan's merge ---------------------------------------------------------------------------
+
+def reference_chan_merge(a, b):
+    """Merged (count, mean, M2) in float64, the means' dtype kept."""
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n = na + nb
+    w = np.where(n > 0, nb / np.where(n > 0, n, 1), 0.0)
+    d = mb.astype(np.float64) - ma
+    mean = ma + d * w
+    m2 = qa + qb + d * d * na * w
+    return n, mean.astype(ma.dtype), m2.astype(ma.dtype)
+
+
+def _moments(v):
+    return np.full(v.shape[1:], v.shape[0], dtype=np.int64), v.mean(0), ((v - v.mean(0)) ** 2).sum(0)
+
+
+def _merge_cases(seed=51):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for dtype in (np.float64, np.float32):
+        for (na, nb), shape, loc in [((5, 9), (4,), 0.0), ((1, 30), (3, 2), 3.0), ((40, 2), (6,), -20.0),
+                                     ((0, 7), (5,), 1.0), ((7, 0), (5,), 1.0), ((0, 0), (3,), 0.0)]:
+            va = loc + rng.normal(0, 2, (na, *shape)) if na else np.zeros((0, *shape))
+            vb = loc + 4 + rng.normal(0, 1, (nb, *shape)) if nb else np.zeros((0, *shape))
+            a = tuple(np.asarray(t) for t in _moments(va)) if na else (
+                np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape))
+            b = tuple(np.asarray(t) for t in _moments(vb)) if nb else (
+                np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape))
+            a = (a[0], a[1].astype(dtype), a[2].astype(dtype))
+            b = (b[0], b[1].astype(dtype), b[2].astype(dtype))
+            cases.append(Case((a, b), f"counts ({na}, {nb}), shape {shape}, {np.dtype(dtype).name}"))
+    return cases
+
+
+def _merge_mistake(mean_fn, m2_fn):
+    def wrong(a, b):
+        (na, ma, qa), (nb, mb, qb) = a, b
+        n = na + nb
+        safe = np.where(n > 0, n, 1)
+        return n, mean_fn(na, ma, nb, mb, safe), m2_fn(na, ma, qa, nb, mb, qb, safe)
+    return wrong
+
+
+_GOOD_MEAN = lambda na, ma, nb, mb, n: ma + (mb - ma) * nb / n  # noqa: E731
+
+MERGE_MISTAKES = [
+    Mistake("the merged mean is the plain average of the two means; weight them by their counts, "
+            "mean = mean_a + delta * n_b / n",
+            _merge_mistake(lambda na, ma, nb, mb, n: (ma + mb) / 2,
+                           lambda na, ma, qa, nb, mb, qb, n: qa + qb + (mb - ma) ** 2 * na * nb / n)),
+    Mistake("M2 misses the between-groups term delta^2 * n_a * n_b / n: adding M2_a + M2_b alone ignores how far "
+            "apart the two means are",
+            _merge_mistake(_GOOD_MEAN, lambda na, ma, qa, nb, mb, qb, n: qa + qb)),
+    Mistake("the between-groups term is delta^2 * n_a * n_b without the division by n = n_a + n_b",
+            _merge_mistake(_GOOD_MEAN, lambda na, ma, qa, nb, mb, qb, n: qa + qb + (mb - ma) ** 2 * na * nb)),
+]
+
+
+def check_chan_merge(student, xp=None):
+    """Hidden test of ``chan_merge(a, b) -> (count, mean, m2)`` on NumPy and on ``xp`` arrays."""
+    check_not_reference(student, "chan_merge")
+    xp = xp or default_xp()
+    cases = _merge_cases()
+    for case in cases:
+        if case.args[0][0].sum() + case.args[1][0].sum() == 0:
+            got = on_device(student, xp)(*case.args)
+            if any(np.isnan(np.asarray(g, dtype=np.float64)).any() for g in got):
+                raise AssertionError("chan_merge returns nan when both counts are 0; two empty partial results "
+                                     "must merge into an empty one (count 0, mean 0, M2 0), without dividing by 0")
+    for dtype in (np.float64, np.float32):   # the cases hold tuples, so name the tolerance of their dtype
+        subset = [c for c in cases if c.args[0][1].dtype == dtype]
+        compare(on_device(student, xp), reference_chan_merge, subset, "chan_merge", MERGE_MISTAKES,
+                tol=tolerance(dtype))
+    got = on_device(student, xp)(*cases[-4].args)   # float32 means in, float32 out
+    if np.asarray(got[1]).dtype != np.float32:
+        raise AssertionError(f"chan_merge returns means of dtype {np.asarray(got[1]).dtype} for float32 input; "
+                             "keep the dtype of the means (cast the count ratio)")
+
+
+# --- 2. the per-channel statistics kernel ---------------------------------------------------------
+
+def reference_channel_stats(x):
+    """Per-channel mean and biased variance of an (N, C, ...) array, in float64."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    x64 = x.astype(np.float64)
+    return x64.mean(axes), x64.var(axes)
+
+
+def _stats_cases(seed=52, loc=0.0, scale=None):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for shape in STATS_SHAPES:
+        C = shape[1]
+        means = loc + rng.normal(0.0, 3.0, C) if not loc else loc * (1 + 0.01 * rng.standard_normal(C))
+        scales = scale if scale is not None else rng.uniform(0.5, 3.0, C)
+        x = (means[None, :, None, None] + np.reshape(scales, (1, -1, 1, 1)) * rng.standard_normal(shape))
+        cases.append(Case((x.astype(np.float32),), f"x {shape} float32" + (f", |mean|/std ~ {loc:g}" if loc else "")))
+    return cases
+
+
+STATS_MISTAKES = [
+    Mistake("your variance divides by N*H*W - 1; the batch statistics use the biased variance (divide by the count)",
+            lambda x: (reference_channel_stats(x)[0], reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1))),
+    Mistake("the statistics are taken over every value of the tensor, not per channel over (N, H, W)",
+            lambda x: (np.full(x.shape[1], x.astype(np.float64).mean()), np.full(x.shape[1], x.astype(np.float64).var()))),
+    Mistake("the statistics run over only the first sample (n = 0) of each channel; loop over the batch too",
+            lambda x: reference_channel_stats(x[:1])),
+    Mistake("only the first 256 positions of each (sample, channel) row are used: the loop over positions must "
+            "go on, s = tid, tid + blockDim.x, ..., while s < H*W",
+            lambda x: _first_positions(x, 256)),
+]
+
+
+def _first_positions(x, threads):
+    """Statistics of the first ``threads`` positions of each row (the mistake applies when H*W > threads)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    if flat.shape[2] <= threads:
+        raise ValueError("every position is covered")
+    return reference_channel_stats(flat[:, :, :threads])
+
+
+def _count(x):
+    return x.size // x.shape[1]
+
+
+def check_channel_stats(student, xp=None):
+    """Hidden test of ``channel_stats(x) -> (mean, var)`` on (N, C, H, W) float32 input."""
+    check_not_reference(student, "channel_stats")
+    xp = xp or default_xp()
+    compare(on_device(student, xp), reference_channel_stats, _stats_cases(), "channel_stats", STATS_MISTAKES)
+
+
+def check_channel_stats_large_offset(student, xp=None):
+    """Hidden test: the variance stays accurate in float32 when |mean| / std = 1e3.
+
+    A one-pass E[x^2] - E[x]^2 is off by about 10 % there; the check names it
+    by its symptom: the variance changes when the same data are shifted by a constant.
+    """
+    check_not_reference(student, "channel_stats")
+    xp = xp or default_xp()
+    run = on_device(student, xp)
+    for case in _stats_cases(seed=53, loc=1e3, scale=1.0):
+        (x,) = case.args
+        expected = reference_channel_stats(x)
+        try:
+            got = run(x)
+        except Exception as exc:
+            raise AssertionError(f"channel_stats raised {type(exc).__name__}: {exc} (input: {case.label})") from None
+        if close(got, expected, np.float32):
+            continue
+        centred = (x.astype(np.float64) - 1e3).astype(np.float32)   # the same spread, mean near 0
+        shifted = run(centred)
+        if close(shifted[1], reference_channel_stats(centred)[1], np.float32):
+            raise AssertionError(
+                "channel_stats: the variance is right for data near 0 but wrong for the same data shifted to a mean "
+                f"of 1e3 ({case.label}). That is the cancellation of the one-pass E[x^2] - E[x]^2 in float32; use "
+                "Welford's update per thread and Chan's merge (or subtract the mean before squaring)")
+        raise AssertionError(f"channel_stats does not match the reference for input {case.label}")
+
+
+# --- 3. the forward pass ----------------------------------------------------------------------
+
+def _forward_cases(seed=54):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for shape, eps in zip(STATS_SHAPES, (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
+        C = shape[1]
+        x = (rng.normal(0, 3, C)[None, :, None, None] + rng.uniform(0.5, 3, C)[None, :, None, None]
+             * rng.standard_normal(shape)).astype(np.float32)
+        gamma = rng.uniform(0.5, 2.0, C).astype(np.float32)
+        beta = rng.normal(0.0, 1.0, C).astype(np.float32)
+        cases.append(Case((x, gamma, beta, eps), f"x {shape} float32, eps={eps}"))
+    return cases
+
+
+def reference_forward(x, gamma, beta, eps=1e-5):
+    """Training-mode spatial batch norm in float64."""
+    return bnref.spatial_batchnorm_forward(x.astype(np.float64), gamma.astype(np.float64),
+                                           beta.astype(np.float64), eps)[0]
+
+
+def _norm(x, g, b, mean, var, eps, eps_outside=False):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x = x.astype(np.float64)
+    std = np.sqrt(var) + eps if eps_outside else np.sqrt(var + eps)
+    return g.reshape(shape) * (x - mean.reshape(shape)) / std.reshape(shape) + b.reshape(shape)
+
+
+FORWARD_MISTAKES = [
+    Mistake("gamma and beta are swapped: y = x * a + b with a = gamma / sqrt(var + eps), b = beta - mean * a",
+            lambda x, g, b, eps: _norm(x, b, g, *reference_channel_stats(x), eps)),
+    Mistake("eps is added outside the square root; use a = gamma / sqrt(var + eps)",
+            lambda x, g, b, eps: _norm(x, g, b, *reference_channel_stats(x), eps, eps_outside=True)),
+    Mistake("the output uses the unbiased variance; the batch is normalized with the biased one",
+            lambda x, g, b, eps: _norm(x, g, b, reference_channel_stats(x)[0],
+                                       reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1), eps)),
+    Mistake("the channel of element i is computed wrongly: in an (N, C, H, W) array it is (i // (H*W)) % C",
+            lambda x, g, b, eps: _wrong_channel(x, g, b, eps)),
+]
+
+
+def _wrong_channel(x, g, b, eps):
+    """The usual indexing slip: channel = i % C, as if the array were channels-last."""
+    mean, var = reference_channel_stats(x)
+    a = g / np.sqrt(var + eps)
+    shift = b - mean * a
+    C = x.shape[1]
+    c = np.arange(x.size) % C
+    return (x.reshape(-1).astype(np.float64) * a[c] + shift[c]).reshape(x.shape)
+
+
+def check_batchnorm_forward_cupy(student, xp=None):
+    """Hidden test of ``batchnorm_forward_cupy(x, gamma, beta, eps) -> out``."""
+    check_not_reference(student, "batchnorm_forward_cupy")
+    xp = xp or default_xp()
+    run = on_device(student, xp)
+    cases = _forward_cases()
+    compare(run, reference_forward, cases, "batchnorm_forward_cupy", FORWARD_MISTAKES)
+    out = run(*cases[0].args)
+    if np.asarray(out).dtype != np.float32:
+        raise AssertionError(f"batchnorm_forward_cupy returns {np.asarray(out).dtype} for float32 input; "
+                             "the kernels work in float32")

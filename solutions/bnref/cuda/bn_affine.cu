@@ -1,0 +1,115 @@
+// bn_affine.cu: the elementwise pass of batch norm, folded to one FMA per value.
+//
+//     y = x * a[c] + b[c],   a = gamma * rstd,   b = beta - mean * a
+//
+// In training, rstd is the saved 1 / sqrt(var + eps) of bn_forward.cu; in
+// inference the kernel folds the running statistics itself
+// (stat_is_var = 1: rstd = 1 / sqrt(running_var + eps)), so inference is one launch.
+// Folding moves the subtraction of the mean into b. The rounding this adds is
+// about |mean| * 6e-8, the spacing of float32 numbers near x: x itself carried
+// that much error already.
+//
+// No integer division per element: the launch is 2-D.
+//   bn_affine_ncs[_vec4]  x is (N*C, S) rows, S = H * W; blockIdx.x * blockDim.y
+//                         + threadIdx.y picks a row (one channel, c = row % C,
+//                         computed once per row), threads along x walk its S values.
+//   bn_affine_mc[_vec4]   x is (M, C), channels last; a thread owns a fixed channel
+//                         (or 4 consecutive ones) and walks down the rows, so its
+//                         a and b stay in registers.
+// The _vec4 variants move float4s; the caller uses them when the row length
+// (S, or C) is a multiple of 4 and the pointers are 16-byte aligned.
+#include "bn_common.cuh"
+
+__device__ __forceinline__ void fold_channel(int c, const float* __restrict__ mean, const float* __restrict__ stat,
+                                             const float* __restrict__ gamma, const float* __restrict__ beta,
+                                             float eps, int stat_is_var, float& a, float& b) {
+    const float rstd = stat_is_var ? 1.0f / sqrtf(stat[c] + eps) : stat[c];
+    a = gamma[c] * rstd;
+    b = beta[c] - mean[c] * a;
+}
+
+__device__ __forceinline__ float axpb(float x, float a, float b) { return fmaf(x, a, b); }
+
+__device__ __forceinline__ float4 axpb(float4 x, float a, float b) {
+    return make_float4(fmaf(x.x, a, b), fmaf(x.y, a, b), fmaf(x.z, a, b), fmaf(x.w, a, b));
+}
+
+__device__ __forceinline__ float4 axpb(float4 x, float4 a, float4 b) {
+    return make_float4(fmaf(x.x, a.x, b.x), fmaf(x.y, a.y, b.y), fmaf(x.z, a.z, b.z), fmaf(x.w, a.w, b.w));
+}
+
+// NCS: T is float or float4; Sv is the row length in units of T.
+template <class T>
+__device__ __forceinline__ void affine_rows(const T* __restrict__ x, T* __restrict__ y, long long R, int C, int Sv,
+                                            const float* __restrict__ mean, const float* __restrict__ stat,
+                                            const float* __restrict__ gamma, const float* __restrict__ beta,
+                                            float eps, int stat_is_var) {
+    for (long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y; row < R;
+         row += (long long)gridDim.x * blockDim.y) {
+        float a, b;
+        fold_channel((int)(row % C), mean, stat, gamma, beta, eps, stat_is_var, a, b);
+        const T* __restrict__ xr = x + row * Sv;
+        T* __restrict__ yr = y + row * Sv;
+        for (int s = blockIdx.y * blockDim.x + threadIdx.x; s < Sv; s += gridDim.y * blockDim.x) {
+            yr[s] = axpb(xr[s], a, b);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bn_affine_ncs(const float* __restrict__ x, float* __restrict__ y, long long R, int C, int S,
+              const float* __restrict__ mean, const float* __restrict__ stat,
+              const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
+    affine_rows<float>(x, y, R, C, S, mean, stat, gamma, beta, eps, stat_is_var);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bn_affine_ncs_vec4(const float4* __restrict__ x, float4* __restrict__ y, long long R, int C, int S4,
+                   const float* __restrict__ mean, const float* __restrict__ stat,
+                   const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
+    affine_rows<float4>(x, y, R, C, S4, mean, stat, gamma, beta, eps, stat_is_var);
+}
+
+// MC: a thread owns channel cv (float) or channels 4cv..4cv+3 (float4); Cv is the row width in units of T.
+__device__ __forceinline__ void fold_lanes(int cv, const float* __restrict__ mean, const float* __restrict__ stat,
+                                           const float* __restrict__ gamma, const float* __restrict__ beta,
+                                           float eps, int stat_is_var, float& a, float& b) {
+    fold_channel(cv, mean, stat, gamma, beta, eps, stat_is_var, a, b);
+}
+
+__device__ __forceinline__ void fold_lanes(int cv, const float* __restrict__ mean, const float* __restrict__ stat,
+                                           const float* __restrict__ gamma, const float* __restrict__ beta,
+                                           float eps, int stat_is_var, float4& a, float4& b) {
+    fold_channel(4 * cv + 0, mean, stat, gamma, beta, eps, stat_is_var, a.x, b.x);
+    fold_channel(4 * cv + 1, mean, stat, gamma, beta, eps, stat_is_var, a.y, b.y);
+    fold_channel(4 * cv + 2, mean, stat, gamma, beta, eps, stat_is_var, a.z, b.z);
+    fold_channel(4 * cv + 3, mean, stat, gamma, beta, eps, stat_is_var, a.w, b.w);
+}
+
+template <class T>
+__device__ __forceinline__ void affine_cols(const T* __restrict__ x, T* __restrict__ y, long long M, int Cv,
+                                            const float* __restrict__ mean, const float* __restrict__ stat,
+                                            const float* __restrict__ gamma, const float* __restrict__ beta,
+                                            float eps, int stat_is_var) {
+    const int cv = blockIdx.x * blockDim.x + threadIdx.x;
+    if (cv >= Cv) return;
+    T a, b;
+    fold_lanes(cv, mean, stat, gamma, beta, eps, stat_is_var, a, b);
+    for (long long m = (long long)blockIdx.y * blockDim.y + threadIdx.y; m < M; m += (long long)gridDim.y * blockDim.y) {
+        y[m * Cv + cv] = axpb(x[m * Cv + cv], a, b);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bn_affine_mc(const float* __restrict__ x, float* __restrict__ y, long long M, int C,
+             const float* __restrict__ mean, const float* __restrict__ stat,
+             const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
+    affine_cols<float>(x, y, M, C, mean, stat, gamma, beta, eps, stat_is_var);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+bn_affine_mc_vec4(const float4* __restrict__ x, float4* __restrict__ y, long long M, int C4,
+                  const float* __restrict__ mean, const float* __restrict__ stat,
+                  const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
+    affine_cols<float4>(x, y, M, C4, mean, stat, gamma, beta, eps, stat_is_var);
+}

@@ -1,0 +1,153 @@
+"""Chapter 5's hidden checks, on the CPU: ``xp=numpy``, with NumPy stand-ins for the students' GPU code.
+
+The correct stand-in of the statistics kernel is the NumPy mirror of the
+package's reduction tree; the seeded mistakes must each be named.
+"""
+import re
+
+import jupytext
+import numpy as np
+import pytest
+
+import bnref
+from bnref.cuda import gpu_available, mirror
+from bngrade import ch05, compare
+from bngrade.course import SOURCES
+
+
+@pytest.fixture(autouse=True)
+def no_reference_detection(request, monkeypatch):
+    """Stand-ins are written in this module, which imports bnref; detection is tested apart."""
+    if "reference_package" not in request.node.name:
+        monkeypatch.setattr(compare, "uses_reference", lambda fn: False)
+
+
+def solution_function(grade_id, *needs):
+    """The solved cell ``grade_id`` of the exercise source (after the cells ``needs``), executed; its function."""
+    import cupy  # imports without a GPU; get_array_module works on NumPy arrays
+
+    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source
+             for c in jupytext.read(SOURCES / "ch05_cupy_kernels.md").cells}
+    namespace = {"np": np, "cp": cupy}
+    for cell_id in (*needs, grade_id):
+        exec(re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[cell_id], flags=re.M), namespace)
+    return namespace[grade_id]
+
+
+def stats_by_mirror(x):
+    """channel_stats as the package's kernel tree computes it (Welford, Chan, float32)."""
+    count, mean, m2 = mirror.reduce_moments(np.asarray(x, np.float32))
+    return mean, (m2 / count.astype(np.float32)).astype(np.float32)
+
+
+def one_pass_stats(x):
+    x = np.asarray(x, np.float32)
+    mean = x.mean(axis=(0, 2, 3))
+    return mean, (x * x).mean(axis=(0, 2, 3)) - mean * mean
+
+
+def forward_from(stats):
+    def forward(x, gamma, beta, eps=1e-5):
+        mean, var = stats(x)
+        a = (gamma / np.sqrt(var + np.float32(eps))).astype(np.float32)
+        b = (beta - mean * a).astype(np.float32)
+        return x * a[None, :, None, None] + b[None, :, None, None]
+    return forward
+
+
+# --- chan_merge ---
+
+def test_the_exercise_solution_of_chan_merge_passes_on_numpy_arrays():
+    ch05.check_chan_merge(solution_function("chan_merge"), xp=np)
+
+
+@pytest.mark.parametrize("mistake", ch05.MERGE_MISTAKES, ids=lambda m: m.message[:40])
+def test_each_merge_mistake_is_named(mistake):
+    def student(a, b):
+        return tuple(np.asarray(v, dtype=a[1].dtype) if i else v for i, v in enumerate(mistake.fn(a, b)))
+
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:30])):
+        ch05.check_chan_merge(student, xp=np)
+
+
+def test_a_merge_that_divides_by_zero_is_named():
+    def student(a, b):
+        (na, ma, qa), (nb, mb, qb) = a, b
+        n = na + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = (nb / n).astype(ma.dtype)
+        d = mb - ma
+        return n, ma + d * w, qa + qb + d * d * na * w
+
+    with pytest.raises(AssertionError, match="nan when both counts are 0"):
+        ch05.check_chan_merge(student, xp=np)
+
+
+def test_a_merge_that_returns_float64_for_float32_means_is_named():
+    good = solution_function("chan_merge")
+
+    def student(a, b):
+        n, mean, m2 = good(a, b)
+        return n, mean.astype(np.float64), m2.astype(np.float64)
+
+    with pytest.raises(AssertionError, match="keep the dtype of the means"):
+        ch05.check_chan_merge(student, xp=np)
+
+
+# --- channel_stats ---
+
+def test_the_mirror_of_the_kernel_tree_passes_both_statistics_checks():
+    ch05.check_channel_stats(stats_by_mirror, xp=np)
+    ch05.check_channel_stats_large_offset(stats_by_mirror, xp=np)
+
+
+def test_one_pass_variance_passes_small_means_and_is_named_at_a_large_offset():
+    ch05.check_channel_stats(one_pass_stats, xp=np)
+    with pytest.raises(AssertionError, match=r"E\[x\^2\] - E\[x\]\^2"):
+        ch05.check_channel_stats_large_offset(one_pass_stats, xp=np)
+
+
+@pytest.mark.parametrize("mistake", ch05.STATS_MISTAKES, ids=lambda m: m.message[:40])
+def test_each_statistics_mistake_is_named(mistake):
+    def student(x):
+        try:
+            mean, var = mistake.fn(x)
+        except ValueError:  # the mistake makes no difference on this input
+            mean, var = ch05.reference_channel_stats(x)
+        return np.asarray(mean, np.float32), np.asarray(var, np.float32)
+
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:30])):
+        ch05.check_channel_stats(student, xp=np)
+
+
+# --- the forward pass ---
+
+def test_a_correct_forward_passes():
+    ch05.check_batchnorm_forward_cupy(forward_from(stats_by_mirror), xp=np)
+
+
+@pytest.mark.parametrize("mistake", ch05.FORWARD_MISTAKES, ids=lambda m: m.message[:40])
+def test_each_forward_mistake_is_named(mistake):
+    def student(x, gamma, beta, eps=1e-5):
+        return mistake.fn(x, gamma, beta, eps).astype(np.float32)
+
+    with pytest.raises(AssertionError, match=re.escape(mistake.message[:30])):
+        ch05.check_batchnorm_forward_cupy(student, xp=np)
+
+
+def test_using_the_reference_package_is_refused():
+    namespace = {"bnref": bnref}
+    exec("def batchnorm_forward_cupy(x, gamma, beta, eps=1e-5):\n"
+         "    return bnref.spatial_batchnorm_forward(x, gamma, beta, eps)[0]", namespace)
+    with pytest.raises(AssertionError, match="reference package"):
+        ch05.check_batchnorm_forward_cupy(namespace["batchnorm_forward_cupy"], xp=np)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU here: cupy.is_available() is False")
+def test_the_exercise_solutions_pass_the_hidden_checks_on_a_gpu():
+    ch05.check_chan_merge(solution_function("chan_merge"))
+    stats = solution_function("channel_stats")
+    ch05.check_channel_stats(stats)
+    ch05.check_channel_stats_large_offset(stats)
+    ch05.check_batchnorm_forward_cupy(solution_function("batchnorm_forward_cupy", "channel_stats"))
