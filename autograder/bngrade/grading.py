@@ -49,12 +49,21 @@ def feedback_student(course, assignment, student):
     return [] if code == 0 else [f"feedback not generated: {_summarize_failure(log)}"]
 
 
-def grade_student(course, assignment, student, cell_timeout=None):
-    """Autograde one submission, then write its feedback if it was graded; returns problems."""
-    problems = autograde_student(course, assignment, student, cell_timeout)
-    if course.path("autograded", student, assignment).exists():
-        problems += feedback_student(course, assignment, student)
-    return problems
+def write_feedback(course, assignment, students, report):
+    """Feedback HTML for every graded student, adding any failure to ``report``.
+
+    One nbgrader run serves the whole class (a process start per student costs
+    more than the feedback itself); if it fails, each student is retried alone
+    so that one bad notebook costs only its own feedback.
+    """
+    graded = [s for s in students if course.path("autograded", s, assignment).exists()]
+    if not graded:
+        return
+    code, _ = course.nbgrader("generate_feedback", assignment, "--force", timeout=NOTEBOOK_WALL_SECONDS)
+    if code == 0:
+        return
+    for student in graded:
+        report[student] += feedback_student(course, assignment, student)
 
 
 def autograde_student(course, assignment, student, cell_timeout=None, wall_seconds=None):
@@ -111,11 +120,12 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
     students, intake_problems = collect(submissions, assignment, course)
     report = {who: [msg] for who, msg in intake_problems.items()}
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = {pool.submit(grade_student, course, assignment, s, cell_timeout): s for s in students}
+        futures = {pool.submit(autograde_student, course, assignment, s, cell_timeout): s for s in students}
         done = as_completed(futures)
         for future in tqdm(done, total=len(futures), desc=f"grading {assignment}", unit="student",
                            disable=not progress):
             report[futures[future]] = future.result()
+    write_feedback(course, assignment, students, report)
     ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
     return report, export_grades(course)
 
@@ -137,4 +147,4 @@ def format_report(report):
     return "\n".join(lines)
 
 
-__all__ = ["Problem", "grade_student", "grade_class", "export_grades", "format_report"]
+__all__ = ["Problem", "autograde_student", "grade_class", "export_grades", "format_report"]
