@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import bnref
+from twins import lockstep, torch_twin
 
 DTYPES = [(np.float64, 1e-10), (np.float32, 2e-4)]
 SHAPES = [(2, 3), (16, 5), (257, 33), (4, 300)]
@@ -111,24 +112,11 @@ def test_inference_backward_is_a_per_feature_scale():
 def test_layer_backward_matches_torch_in_train_and_eval(dtype, tol):
     """Forward and backward in lockstep with torch.nn.BatchNorm1d, switching modes."""
     rng = np.random.default_rng(7)
-    d = 5
-    ours = bnref.BatchNorm1d(d, momentum=0.3, dtype=dtype)
-    ours.gamma, ours.beta = rng.uniform(0.5, 2.0, d).astype(dtype), rng.normal(size=d).astype(dtype)
-    theirs = torch.nn.BatchNorm1d(d, momentum=0.3, dtype=torch.float64 if dtype == np.float64 else torch.float32)
-    with torch.no_grad():
-        theirs.weight.copy_(torch.from_numpy(ours.gamma))
-        theirs.bias.copy_(torch.from_numpy(ours.beta))
-    for step, mode in enumerate(["train", "train", "eval", "train", "eval"]):
-        getattr(ours, mode)()
-        getattr(theirs, mode)()
-        x, _, _, dout = _batch(rng, (12, d), dtype)
-        theirs.zero_grad()
-        xt = torch.from_numpy(x).requires_grad_()
-        out_t = theirs(xt)
-        out_t.backward(torch.from_numpy(dout))
-        np.testing.assert_allclose(ours.forward(x), out_t.detach().numpy(), rtol=tol, atol=tol)
-        expected = (xt.grad.numpy(), theirs.weight.grad.numpy(), theirs.bias.grad.numpy())
-        _assert_grads_close((ours.backward(dout), ours.dgamma, ours.dbeta), expected, tol, f"step {step} {mode}")
+    ours = bnref.BatchNorm1d(5, momentum=0.3, dtype=dtype)
+    theirs = torch_twin(ours, torch.nn.BatchNorm1d, rng)
+    schedule = ["train", "train", "eval", "train", "eval"]
+    batches = [rng.normal(1.0, 2.0, (12, 5)).astype(dtype) for _ in schedule]
+    lockstep(ours, theirs, schedule, batches, tol, dout_rng=rng)
 
 
 def test_layer_backward_uses_the_mode_of_its_forward():
