@@ -4,7 +4,9 @@ Without a GPU: every kernel source compiles with nvcc for sm_80 and sm_90
 without register spills (ptxas' resource table is printed at the end of the
 module), and the NumPy mirror of the kernels' reduction tree matches the
 two-pass statistics on shapes with partial warps, partial blocks and a
-grid-level merge. With a GPU (``-m gpu``): the kernels against bnref and torch.
+grid-level merge. The kernels themselves run against bnref and torch twice: on
+the CPU emulator (``bnref.cuda.emulator``, always, where a C++ compiler exists),
+and on a GPU with CuPy (``-m gpu``, skipped with a reason when there is none).
 """
 import re
 import subprocess
@@ -15,16 +17,12 @@ import pytest
 import torch
 
 import bnref
-from bnref.cuda import KERNELS, NO_GPU_MESSAGE, gpu_available, kernel_source, mirror, nvcc, plan, roofline
+from bnref.cuda import KERNELS, NO_GPU_MESSAGE, emulator, gpu, gpu_available, kernel_source, mirror, nvcc, plan, roofline
 
 HAS_GPU = gpu_available()
+needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ compiler: CUDA emulator not built")
 needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc is not on PATH: kernel sources not compiled")
 
-
-def on_gpu(test):
-    """Mark a test ``gpu`` and skip it, visibly, on a machine without a CUDA GPU."""
-    skip = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: cupy.is_available() is False")
-    return pytest.mark.gpu(skip(test))
 
 # (shape, layout, G): partial warps (231 values per channel), N*H*W not a multiple of 256,
 # a partial column of channels (37), a grid merge with more partials (300) than threads (256).
@@ -214,14 +212,25 @@ def test_wrappers_need_a_gpu_and_say_how_to_get_one():
         assert str(info.value) == NO_GPU_MESSAGE
 
 
-# --- on a GPU -----------------------------------------------------------------------------------
+# --- the kernels run: on a GPU, and on the CPU emulator -----------------------------------------------------------------------------------
 
 GPU_SHAPES = [(2, 3, 5, 7), (3, 5, 7, 11), (16, 8, 33, 33), (4, 16, 28, 28), (1000, 37), (64, 12)]
 
 
-def _cp():
-    import cupy
-    return cupy
+@pytest.fixture(params=[
+    pytest.param("emulator", marks=needs_cxx),
+    pytest.param("cupy", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: cupy.is_available() is False")]),
+])
+def cp(request):
+    """Where the kernels run: CuPy on a GPU, or the CPU emulator of bnref.cuda.emulator (same source, same tests)."""
+    if request.param == "cupy":
+        import cupy
+        yield cupy
+        return
+    backend = emulator.CupyOnCpu(sm_count=4)
+    with gpu.use_backend(backend):
+        yield backend
 
 
 def _data(shape, loc=0.5, scale=2.0, seed=0):
@@ -237,11 +246,9 @@ def _reference_forward(x, gamma, beta, eps=1e-5):
     return bnref.spatial_batchnorm_forward(*args)
 
 
-@on_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("G", [None, 1, 3])
-def test_gpu_forward_matches_the_reference(shape, G):
-    cp = _cp()
+def test_gpu_forward_matches_the_reference(cp, shape, G):
     x = _data(shape)
     C = shape[1]
     gamma, beta = _data((C,), 1.0, 0.3, 1), _data((C,), 0.0, 1.0, 2)
@@ -253,23 +260,23 @@ def test_gpu_forward_matches_the_reference(shape, G):
     np.testing.assert_allclose(cp.asnumpy(cache.mean), x.astype(np.float64).mean(axes), rtol=1e-5, atol=1e-5)
 
 
-@on_gpu
-def test_gpu_matches_the_mirror_to_float32_rounding():
-    cp = _cp()
+def test_gpu_matches_the_mirror_to_float32_rounding(cp):
     for shape, layout, G in TREE_CASES:
         x = _data(shape, 3.0)
         C = shape[1] if layout == "NCHW" else shape[-1]
         _, cache = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), cp.ones(C, cp.float32), cp.zeros(C, cp.float32),
                                                     layout=layout, blocks_per_channel=G)
         mean, _, rstd = mirror.forward_stats(x, 1e-5, layout, G)
-        # the same tree up to FMA contraction and __fdividef: agreement to a few float32 ulps
+        if isinstance(cp, emulator.CupyOnCpu):   # the same tree in the same float32 operations: to the bit
+            np.testing.assert_array_equal(cp.asnumpy(cache.mean), mean)
+            np.testing.assert_array_equal(cp.asnumpy(cache.rstd), rstd)
+            continue
+        # on a GPU, the same tree up to FMA contraction and __fdividef: agreement to a few float32 ulps
         np.testing.assert_allclose(cp.asnumpy(cache.mean), mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(cp.asnumpy(cache.rstd), rstd, rtol=1e-5)
 
 
-@on_gpu
-def test_gpu_running_stats_follow_torch():
-    cp = _cp()
+def test_gpu_running_stats_follow_torch(cp):
     C = 8
     layer = torch.nn.BatchNorm2d(C, momentum=0.1, dtype=torch.float64)
     rm, rv = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
@@ -284,9 +291,7 @@ def test_gpu_running_stats_follow_torch():
                                err_msg="running_var averages the unbiased batch variance")
 
 
-@on_gpu
-def test_gpu_nhwc_equals_nchw_and_large_offsets_stay_accurate():
-    cp = _cp()
+def test_gpu_nhwc_equals_nchw_and_large_offsets_stay_accurate(cp):
     x = _data((6, 12, 11, 13), loc=1e3, scale=1.0)       # |mean| / std = 1e3
     g, b = cp.ones(12, cp.float32), cp.zeros(12, cp.float32)
     out, cache = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b)
@@ -297,10 +302,8 @@ def test_gpu_nhwc_equals_nchw_and_large_offsets_stay_accurate():
     assert np.max(np.abs(var - ref) / ref) < 1e-4
 
 
-@on_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_inference_and_backward_match_the_reference(shape):
-    cp = _cp()
+def test_gpu_inference_and_backward_match_the_reference(cp, shape):
     C = shape[1]
     x, dout = _data(shape), _data(shape, 0.0, 1.0, 3)
     gamma, beta = _data((C,), 1.0, 0.3, 1), _data((C,), 0.0, 1.0, 2)
@@ -322,9 +325,7 @@ def test_gpu_inference_and_backward_match_the_reference(shape):
     np.testing.assert_allclose(cp.asnumpy(dbeta), rdbeta, rtol=1e-4, atol=1e-3)
 
 
-@on_gpu
-def test_gpu_results_are_deterministic_and_misaligned_input_works():
-    cp = _cp()
+def test_gpu_results_are_deterministic_and_misaligned_input_works(cp):
     x = _data((8, 16, 20, 20))
     g, b = cp.ones(16, cp.float32), cp.zeros(16, cp.float32)
     first, c1 = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b, blocks_per_channel=5)
@@ -337,9 +338,7 @@ def test_gpu_results_are_deterministic_and_misaligned_input_works():
     np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(first), rtol=1e-6, atol=1e-6)
 
 
-@on_gpu
-def test_gpu_simple_two_pass_reduction():
-    cp = _cp()
+def test_gpu_simple_two_pass_reduction(cp):
     x = _data((5, 7, 9, 11), loc=50.0)
     mean, var = bnref.cuda.channel_moments_gpu(cp.asarray(x))
     ref = x.astype(np.float64)

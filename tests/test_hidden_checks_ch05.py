@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bnref
-from bnref.cuda import gpu_available, mirror
+from bnref.cuda import emulator, gpu_available, mirror
 from bngrade import ch05, compare
 from bngrade.course import SOURCES
 
@@ -22,15 +22,21 @@ def no_reference_detection(request, monkeypatch):
         monkeypatch.setattr(compare, "uses_reference", lambda fn: False)
 
 
-def solution_function(grade_id, *needs):
-    """The solved cell ``grade_id`` of the exercise source (after the cells ``needs``), executed; its function."""
-    import cupy  # imports without a GPU; get_array_module works on NumPy arrays
+def solution_function(grade_id, *needs, cp=None, edit=lambda source: source):
+    """The solved cell ``grade_id`` of the exercise source (after the cells ``needs``), executed; its function.
+
+    ``cp`` is the array module the cells see (CuPy, which imports without a GPU, by default); ``edit``
+    rewrites the source of cell ``grade_id`` first (to seed a mistake).
+    """
+    if cp is None:
+        import cupy as cp  # get_array_module works on NumPy arrays
 
     cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source
              for c in jupytext.read(SOURCES / "ch05_cupy_kernels.md").cells}
-    namespace = {"np": np, "cp": cupy}
+    namespace = {"np": np, "cp": cp}
     for cell_id in (*needs, grade_id):
-        exec(re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[cell_id], flags=re.M), namespace)
+        source = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[cell_id], flags=re.M)
+        exec(edit(source) if cell_id == grade_id else source, namespace)
     return namespace[grade_id]
 
 
@@ -95,6 +101,55 @@ def test_a_merge_that_returns_float64_for_float32_means_is_named():
 
 
 # --- channel_stats ---
+
+needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ compiler: CUDA emulator not built")
+
+
+def edit_once(old, new):
+    def edit(source):
+        assert source.count(old) == 1, f"the solution no longer contains {old!r}"
+        return source.replace(old, new)
+    return edit
+
+
+@needs_cxx
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
+def test_the_solution_kernel_passes_both_statistics_checks_on_the_cpu_emulator(order):
+    """The exercise's CUDA string itself, run by bnref.cuda.emulator, through the hidden checks."""
+    cp = emulator.CupyOnCpu(order=order)
+    stats = solution_function("channel_stats", cp=cp)
+    ch05.check_channel_stats(stats, xp=cp)
+    ch05.check_channel_stats_large_offset(stats, xp=cp)
+
+
+@needs_cxx
+def test_a_one_pass_kernel_fails_the_large_offset_check_with_its_name():
+    one_pass = edit_once("""            const float step = v - m;
+            m += step / k;
+            q += step * (v - m);""", """            m += v;          // sum x
+            q += v * v;      // sum x^2""")
+    finish = edit_once("""    cnt[tid] = k;
+    avg[tid] = m;
+    dev[tid] = q;""", """    cnt[tid] = k;
+    avg[tid] = k > 0.0f ? m / k : 0.0f;
+    dev[tid] = k > 0.0f ? q - m * m / k : 0.0f;""")
+    cp = emulator.CupyOnCpu()
+    stats = solution_function("channel_stats", cp=cp, edit=lambda s: finish(one_pass(s)))
+    ch05.check_channel_stats(stats, xp=cp)      # fine near 0 ...
+    with pytest.raises(AssertionError, match="cancellation of the one-pass"):
+        ch05.check_channel_stats_large_offset(stats, xp=cp)   # ... wrong at |mean|/std = 1e3
+
+
+@needs_cxx
+def test_a_tree_without_a_barrier_per_level_is_caught():
+    """A classic student bug: no __syncthreads() between the levels of the shared-memory tree."""
+    racy = edit_once("""            cnt[tid] = kab;
+        }
+        __syncthreads();""", """            cnt[tid] = kab;
+        }""")
+    cp = emulator.CupyOnCpu()
+    with pytest.raises(AssertionError, match="channel_stats"):
+        ch05.check_channel_stats(solution_function("channel_stats", cp=cp, edit=racy), xp=cp)
 
 def test_the_mirror_of_the_kernel_tree_passes_both_statistics_checks():
     ch05.check_channel_stats(stats_by_mirror, xp=np)

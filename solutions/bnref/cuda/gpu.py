@@ -8,6 +8,7 @@ Layouts: ``layout="NCHW"`` takes (N, C) or (N, C, *spatial) with channels on
 axis 1; ``layout="NHWC"`` takes (..., C) with channels last. Statistics are
 per channel over every other axis, as in ``torch.nn.BatchNorm1d/2d``.
 """
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -30,7 +31,25 @@ def gpu_available():
         return False
 
 
+_BACKENDS = []
+
+
+@contextmanager
+def use_backend(module):
+    """Run the wrappers on ``module`` instead of CuPy: any object with the part of CuPy's interface they use.
+
+    Tests use :class:`bnref.cuda.emulator.CupyOnCpu` to run the kernels on a CPU.
+    """
+    _BACKENDS.append(module)
+    try:
+        yield module
+    finally:
+        _BACKENDS.pop()
+
+
 def _cupy():
+    if _BACKENDS:
+        return _BACKENDS[-1]
     if not gpu_available():
         raise RuntimeError(NO_GPU_MESSAGE)
     import cupy
@@ -46,15 +65,16 @@ def _kernel(cp, file, name):
     """The compiled kernel ``name`` of ``file`` (NVRTC compiles each file once per process and device)."""
     from . import COMPILE_OPTIONS, kernel_source
 
-    if file not in _MODULES:
-        _MODULES[file] = cp.RawModule(code=kernel_source(file), options=COMPILE_OPTIONS)
-    return _MODULES[file].get_function(name)
+    key = (cp.__name__, file)
+    if key not in _MODULES:
+        _MODULES[key] = cp.RawModule(code=kernel_source(file), options=COMPILE_OPTIONS)
+    return _MODULES[key].get_function(name)
 
 
 def _sm_count(cp):
-    dev = cp.cuda.Device().id
+    dev = (cp.__name__, cp.cuda.Device().id)
     if dev not in _SM_COUNT:
-        _SM_COUNT[dev] = int(cp.cuda.runtime.getDeviceProperties(dev)["multiProcessorCount"])
+        _SM_COUNT[dev] = int(cp.cuda.runtime.getDeviceProperties(dev[1])["multiProcessorCount"])
     return _SM_COUNT[dev]
 
 
@@ -63,7 +83,7 @@ def _counters(cp, n):
 
     One zeroed buffer per device is kept and grown; kernels sharing it must run on one stream.
     """
-    dev = cp.cuda.Device().id
+    dev = (cp.__name__, cp.cuda.Device().id)
     if dev not in _COUNTERS or _COUNTERS[dev].size < n:
         _COUNTERS[dev] = cp.zeros(max(n, 1024), dtype=cp.uint32)
     return _COUNTERS[dev]

@@ -1,0 +1,235 @@
+"""The CPU emulator of bnref.cuda.emulator: that it runs CUDA's thread model, and that it catches kernel bugs.
+
+The chapter-5 kernels are tested on it in test_cuda_kernels.py; here, small
+kernels check the model itself (indices, shuffles, barriers, shared memory),
+each fault it promises to report, and seeded bugs in the real kernel sources
+that the kernel tests must then fail on.
+"""
+import numpy as np
+import pytest
+
+import bnref
+from bnref.cuda import emulator, gpu, mirror
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None,
+                                reason="no host C++ compiler: CUDA emulator not built")
+
+INDEX_KERNEL = r"""
+extern "C" __global__ void where(int* out, int n) {
+    const int tid = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    const int block = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const int i = block * blockDim.x * blockDim.y * blockDim.z + tid;
+    if (i < n) out[i] = 1000 * block + tid;
+}
+"""
+
+WARP_SUM = r"""
+extern "C" __global__ void warp_sum(const float* x, float* out) {
+    float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if ((threadIdx.x & 31) == 0) out[(blockIdx.x * blockDim.x + threadIdx.x) / 32] = v;
+}
+"""
+
+BLOCK_SUM = r"""
+extern "C" __global__ void block_sum(const float* x, float* out) {
+    __shared__ float s[256];
+    const int t = threadIdx.x;
+    s[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half) s[t] += s[t + half];
+        __syncthreads();
+    }
+    if (t == 0) out[blockIdx.x] = s[0];
+}
+"""
+
+
+def test_thread_and_block_indices_cover_a_3d_launch_once():
+    cp = emulator.CupyOnCpu()
+    grid, block = (3, 2, 2), (4, 3, 2)
+    n = int(np.prod(grid) * np.prod(block))
+    out = cp.zeros(n, np.int32)
+    cp.RawKernel(INDEX_KERNEL, "where")(grid, block, (out, np.int32(n)))
+    i = np.arange(n)
+    np.testing.assert_array_equal(out, 1000 * (i // 24) + i % 24)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
+def test_warp_shuffles_and_a_shared_memory_tree_sum_exactly(order):
+    cp = emulator.CupyOnCpu(order=order, seed=7)
+    x = np.arange(3 * 256, dtype=np.float32)
+    warps, blocks = cp.empty(24), cp.empty(3)
+    cp.RawKernel(WARP_SUM, "warp_sum")((3,), (256,), (cp.asarray(x), warps))
+    cp.RawKernel(BLOCK_SUM, "block_sum")((3,), (256,), (cp.asarray(x), blocks))
+    np.testing.assert_array_equal(warps, x.reshape(24, 32).sum(1))
+    np.testing.assert_array_equal(blocks, x.reshape(3, 256).sum(1))
+
+
+def test_a_missing_barrier_changes_the_result():
+    racy = BLOCK_SUM.replace("s[t + half];\n        __syncthreads();", "s[t + half];")
+    x = np.arange(256, dtype=np.float32)
+    results = set()
+    for order in ("forward", "reverse", "shuffled"):
+        cp = emulator.CupyOnCpu(order=order)
+        out = cp.empty(1)
+        cp.RawKernel(racy, "block_sum")((1,), (256,), (cp.asarray(x), out))
+        results.add(float(out[0]))
+    assert results != {float(x.sum())}
+
+
+@pytest.mark.parametrize("kernel,launch,message", [
+    (r"""extern "C" __global__ void k(float* y) {
+        if (threadIdx.x < 32) {
+            __syncthreads();
+        } else {
+            __syncthreads();
+        }
+        y[threadIdx.x] = 1.0f; }""", ((1,), (64,)), "divergent __syncthreads"),
+    (r"""extern "C" __global__ void k(float* y) {
+        float v = 1.0f;
+        if (threadIdx.x % 32 < 16) __syncthreads(); else v = __shfl_down_sync(0xffffffffu, v, 1);
+        y[threadIdx.x] = v; }""", ((1,), (64,)), "deadlock"),
+    (r"""extern "C" __global__ void k(float* y) {
+        y[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1); }""", ((1,), (48,)), "16 live lanes"),
+    (r"""extern "C" __global__ void k(float* y) {
+        y[threadIdx.x + 1] = 1.0f; }""", ((1,), (64,)), "out-of-bounds write"),
+])
+def test_each_fault_is_reported_not_hung(kernel, launch, message):
+    cp = emulator.CupyOnCpu()
+    with pytest.raises(emulator.EmulatorError, match=message):
+        cp.RawKernel(kernel, "k")(*launch, (cp.empty(64),))
+
+
+def test_arguments_are_checked_as_a_gpu_would_need_them():
+    cp = emulator.CupyOnCpu()
+    kernel = cp.RawKernel(INDEX_KERNEL, "where")
+    out = cp.zeros(8, np.int32)
+    for args, message in [((out, 8), "pass np.int32"), ((out, np.int64(8)), "pass np.int32"),
+                          ((np.zeros(8, np.int32), np.int32(8)), "expects a device array"),
+                          ((cp.zeros(8, np.float32), np.int32(8)), "expects int32 memory"),
+                          ((out,), "takes 2 arguments")]:
+        with pytest.raises(emulator.EmulatorError, match=message):
+            kernel((1,), (8,), args)
+    affine = cp.RawModule(code=bnref.cuda.kernel_source("bn_affine.cu")).get_function("bn_affine_ncs_vec4")
+    buf = cp.zeros(17)
+    c = cp.ones(1)
+    with pytest.raises(emulator.EmulatorError, match="misaligned address"):
+        affine((1, 1), (32, 8), (buf[1:], buf[1:], np.int64(1), np.int32(1), np.int32(4), c, c, c, c,
+                                 np.float32(1e-5), np.int32(0)))
+
+
+def test_fresh_memory_reads_as_nan_and_the_guards_rearm():
+    cp = emulator.CupyOnCpu()
+    assert np.all(np.isnan(cp.empty(5)))
+    oob = cp.RawKernel(r'extern "C" __global__ void k(float* y) { y[threadIdx.x + 1] = 1.0f; }', "k")
+    with pytest.raises(emulator.EmulatorError):
+        oob((1,), (4,), (cp.empty(4),))
+    cp.RawKernel(INDEX_KERNEL, "where")((1,), (8,), (cp.zeros(8, np.int32), np.int32(8)))   # no stale report
+
+
+# --- seeded bugs in the real kernels: the kernel tests' checks must catch each ------------------------------------
+
+def _forward_stats(cp, x, G):
+    C = x.shape[1]
+    _, cache = gpu.batchnorm_forward_gpu(cp.asarray(x), cp.ones(C), cp.zeros(C), blocks_per_channel=G)
+    return cp.asnumpy(cache.mean), cp.asnumpy(cache.rstd)
+
+
+@pytest.fixture
+def mutate(monkeypatch):
+    """mutate(file, old, new): the wrappers compile kernel file ``file`` (its header pasted in) with ``old``
+    replaced by ``new``, which must occur once. The test fails if the mutated file was never compiled."""
+    original = bnref.cuda.kernel_source
+    compiled = []
+
+    def apply(file, old, new):
+        def source(name):
+            text = original(name)
+            if name == file:
+                assert text.count(old) == 1, f"{old!r} is not in {file} exactly once"
+                text = text.replace(old, new)
+                compiled.append(name)
+            return text
+        monkeypatch.setattr(bnref.cuda, "kernel_source", source)
+        monkeypatch.setattr(gpu, "_MODULES", {})
+        monkeypatch.setattr(gpu, "_COUNTERS", {})
+    yield apply
+    assert compiled, "the mutated kernel file was never compiled: the test tested nothing"
+
+
+@pytest.fixture
+def cp():
+    backend = emulator.CupyOnCpu()
+    with gpu.use_backend(backend):
+        yield backend
+
+
+X = (3.0 + 2.0 * np.random.default_rng(0).standard_normal((3, 5, 7, 11))).astype(np.float32)
+
+
+def test_the_unmutated_kernels_match_the_mirror(cp):
+    mean, rstd = _forward_stats(cp, X, 3)
+    ref_mean, _, ref_rstd = mirror.forward_stats(X, 1e-5, "NCHW", 3)
+    np.testing.assert_array_equal(mean, ref_mean)
+    np.testing.assert_array_equal(rstd, ref_rstd)
+
+
+def test_a_missing_barrier_in_the_block_tree_is_caught(cp, mutate):
+    """Warp 0 reads the other warps' totals before they are written: it sees shared memory as a block found it."""
+    mutate("bn_forward.cu", "    if (lane == 0) smem[warp] = v;\n    __syncthreads();\n",
+           "    if (lane == 0) smem[warp] = v;\n")
+    mean, _ = _forward_stats(cp, X, 3)
+    assert np.all(np.isnan(mean))
+
+
+def test_a_counter_that_is_not_reset_breaks_the_second_launch(cp, mutate):
+    mutate("bn_forward.cu", "    if (last) *counter = 0u;\n", "")
+    first, _ = _forward_stats(cp, X, 3)
+    second, _ = _forward_stats(cp, X, 3)
+    np.testing.assert_allclose(first, X.astype(np.float64).mean((0, 2, 3)), rtol=1e-5)
+    assert np.all(np.isnan(second)), "no block sees itself last: the statistics are never written"
+
+
+def test_an_off_by_one_loop_bound_is_an_out_of_bounds_write(cp, mutate):
+    mutate("bn_affine.cu", "s < Sv; s += gridDim.y * blockDim.x", "s <= Sv; s += gridDim.y * blockDim.x")
+    with pytest.raises(emulator.EmulatorError, match="out-of-bounds write"):
+        gpu.batchnorm_forward_gpu(cp.asarray(X), cp.ones(5), cp.zeros(5))
+
+
+def test_merging_the_partials_in_arrival_order_depends_on_the_block_order(mutate):
+    """The last block merges the G partials in slot order, so the result is the same whichever block is last;
+    storing each partial at its arrival position instead would not be."""
+    mutate("bn_forward.cu", "        store_partial(partials, slot0 + g, v);\n        is_last",
+           "        store_partial(partials, slot0 + *counter, v);\n        is_last")
+    x = (3.0 + 2.0 * np.random.default_rng(1).standard_normal((5, 4, 1000))).astype(np.float32)
+    results = []
+    for order in ("forward", "reverse", "shuffled"):
+        backend = emulator.CupyOnCpu(order=order)
+        with gpu.use_backend(backend):
+            results.append(np.concatenate(_forward_stats(backend, x, 7)))
+    assert not all(np.array_equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_the_kernels_do_not_depend_on_block_or_thread_order(order):
+    """Forward, backward and inference, bit for bit, whichever block finishes last and whichever thread runs first."""
+    x = (1.0 + 2.0 * np.random.default_rng(2).standard_normal((4, 6, 9, 13))).astype(np.float32)
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    results = []
+    for backend in (emulator.CupyOnCpu(), emulator.CupyOnCpu(order=order, seed=11)):
+        with gpu.use_backend(backend):
+            for layout, xl, dyl in (("NCHW", x, dy), ("NHWC", np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1))):
+                rm, rv = backend.zeros(6), backend.ones(6)
+                out, cache = gpu.batchnorm_forward_gpu(backend.asarray(xl), backend.ones(6), backend.zeros(6), rm, rv,
+                                                       layout=layout, blocks_per_channel=3)
+                grads = gpu.batchnorm_backward_gpu(backend.asarray(dyl), cache)
+                infer = gpu.batchnorm_inference_gpu(backend.asarray(xl), backend.ones(6), backend.zeros(6), rm, rv,
+                                                    layout=layout)
+                results.append([backend.asnumpy(a) for a in (out, cache.mean, cache.rstd, rm, rv, *grads, infer)])
+    half = len(results) // 2
+    for first, second in zip(results[:half], results[half:]):
+        for a, b in zip(first, second):
+            assert not np.isnan(a).any()
+            np.testing.assert_array_equal(a, b)
