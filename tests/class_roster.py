@@ -24,6 +24,14 @@ FOLD_BIAS = "folded_bias = (bias - running_mean) * per_channel + beta"
 DROPOUT_TRAIN_FACTOR = 'factor = 1.0 / keep if mode == "inverted" else 1.0'
 DROPOUT_EVAL_FACTOR = 'factor = 1.0 if mode == "inverted" else keep'
 
+REDUCTION_VAR = "var = squares(x, mean.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=axes) / count"
+WELFORD_STEP = """            const float step = v - m;
+            m += step / k;
+            q += step * (v - m);"""
+WELFORD_FINISH = """    cnt[tid] = k;
+    avg[tid] = m;
+    dev[tid] = q;"""
+
 EVAL_MODE = "model.eval()  # the running statistics, not those of this batch"
 RUN_UPDATE_OPS = "model.run_update_ops()  # TF1: sess.run(tf.get_collection(tf.GraphKeys.UPDATE_OPS))"
 RECAL_MOMENTUM = "layer.momentum = 1.0  # replace the running statistics instead of averaging into them"
@@ -165,6 +173,22 @@ ROSTER = {
         "binomial": {"replace": {"dropout_forward": [  # another random stream, still correct
             ("kept = rng.random(x.shape) < keep", "kept = rng.binomial(1, keep, size=x.shape)")]}, "lose": set()},
     },
+}
+
+# ch05 runs CUDA kernels: graded on a GPU where there is one, else on bnref.cuda.emulator (tests/emulated_gpu.py)
+ROSTER["ch05_cupy_kernels"] = {
+    "solution": {},
+    "blank": None,
+    "one-pass-reduction": {"replace": {"reduction_moments": [(REDUCTION_VAR, REDUCTION_VAR.replace(
+        "mean.reshape(", "cp.zeros_like(mean).reshape(").replace("/ count", "/ count - mean * mean"))]},
+        "lose": {"test_reduction_moments"}, "says": "cancellation of the one-pass"},
+    "one-pass-kernel": {"replace": {"channel_stats": [
+        (WELFORD_STEP, "            m += v;\n            q += v * v;"),
+        (WELFORD_FINISH, "    cnt[tid] = k;\n    avg[tid] = k > 0.0f ? m / k : 0.0f;\n"
+                         "    dev[tid] = k > 0.0f ? q - m * m / k : 0.0f;")]},
+        "lose": {"test_channel_stats_offset"}, "says": "cancellation of the one-pass"},
+    "channel-last-index": {"replace": {"batchnorm_forward_cupy": [("(i / plane) % channels", "i % channels")]},
+                           "lose": {"test_forward_cupy"}, "says": "the channel of element i is computed wrongly"},
 }
 
 

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bngrade.course import REPO, Course, assignments  # noqa: E402
 from bngrade.grading import grade_class  # noqa: E402
 from class_roster import ROSTER, write_class  # noqa: E402
+from emulated_gpu import gpu_for  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,8 @@ class GradedClasses(dict):
 
     def __missing__(self, assignment):
         folder = write_class(self.course, assignment, self.tmp.mktemp(f"subs_{assignment}"))
-        self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15, jobs=2)
+        with gpu_for(assignment):   # without a GPU, the GPU assignment runs on the CPU emulator
+            self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15, jobs=2)
         return self[assignment]
 
 

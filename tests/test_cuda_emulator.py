@@ -115,9 +115,11 @@ def test_arguments_are_checked_as_a_gpu_would_need_them():
     affine = cp.RawModule(code=bnref.cuda.kernel_source("bn_affine.cu")).get_function("bn_affine_ncs_vec4")
     buf = cp.zeros(17)
     c = cp.ones(1)
+    args = (buf[1:], buf[1:], np.int64(1), np.int32(1), np.int32(4), c, c, c, c, np.float32(1e-5), np.int32(0))
     with pytest.raises(emulator.EmulatorError, match="misaligned address"):
-        affine((1, 1), (32, 8), (buf[1:], buf[1:], np.int64(1), np.int32(1), np.int32(4), c, c, c, c,
-                                 np.float32(1e-5), np.int32(0)))
+        affine((1, 1), (32, 8), args)
+    with pytest.raises(emulator.EmulatorError, match="exceeds the kernel's limit of 256"):
+        affine((1, 1), (32, 16), (buf[:16], buf[:16]) + args[2:])   # __launch_bounds__(256)
 
 
 def test_fresh_memory_reads_as_nan_and_the_guards_rearm():

@@ -8,10 +8,10 @@ import pytest
 from nbgrader.api import Gradebook
 
 from bngrade.course import assignments
-from bngrade.device import GPU_ASSIGNMENTS, gpu_available
 from bngrade.grading import grade_class
 from bngrade.intake import Problem
 from class_roster import ROSTER, write_class
+from emulated_gpu import gpu_for
 
 pytestmark = pytest.mark.xdist_group("grading")
 
@@ -75,13 +75,12 @@ def test_solution_passes_nbgrader_validate_and_blank_fails_every_test(course, tm
     from submissions import make_submission
 
     for assignment in assignments():
-        if assignment in GPU_ASSIGNMENTS and not gpu_available():
-            continue  # runs CUDA kernels: validated only where there is a GPU
         released = course.path("release", assignment, f"{assignment}.ipynb")
         solved = make_submission(released, assignment, tmp_path / assignment / f"{assignment}.ipynb")
-        ok = course.nbgrader("validate", str(solved))[1]
+        with gpu_for(assignment):   # the GPU assignment, without a GPU: on the CPU emulator
+            ok = course.nbgrader("validate", str(solved))[1]
+            inverted = course.nbgrader("validate", "--invert", str(released))[1]
         assert "Success! Your notebook passes all the tests." in ok, ok
-        inverted = course.nbgrader("validate", "--invert", str(released))[1]
         assert "Success! The notebook does not pass any tests." in inverted, inverted
 
 

@@ -3,6 +3,7 @@
 The correct stand-in of the statistics kernel is the NumPy mirror of the
 package's reduction tree; the seeded mistakes must each be named.
 """
+import linecache
 import re
 
 import jupytext
@@ -36,8 +37,16 @@ def solution_function(grade_id, *needs, cp=None, edit=lambda source: source):
     namespace = {"np": np, "cp": cp}
     for cell_id in (*needs, grade_id):
         source = re.sub(r"^\s*### (BEGIN|END) SOLUTION\n", "", cells[cell_id], flags=re.M)
-        exec(edit(source) if cell_id == grade_id else source, namespace)
+        source = edit(source) if cell_id == grade_id else source
+        run_cell(source, namespace)
     return namespace[grade_id]
+
+
+def run_cell(source, namespace):
+    """exec ``source`` as a notebook cell, its text kept where ``inspect.getsource`` finds it (as IPython does)."""
+    filename = f"<cell {hash(source)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
 
 
 def stats_by_mirror(x):
@@ -114,12 +123,56 @@ def edit_once(old, new):
 
 @needs_cxx
 @pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
-def test_the_solution_kernel_passes_both_statistics_checks_on_the_cpu_emulator(order):
-    """The exercise's CUDA string itself, run by bnref.cuda.emulator, through the hidden checks."""
+def test_the_whole_solution_passes_every_hidden_check_on_the_cpu_emulator(order):
+    """The exercise's CuPy code itself (RawKernel, ReductionKernels, ElementwiseKernel), run by bnref.cuda.emulator."""
     cp = emulator.CupyOnCpu(order=order)
+    ch05.check_chan_merge(solution_function("chan_merge", cp=cp), xp=cp)
+    ch05.check_reduction_moments(solution_function("reduction_moments", cp=cp), xp=cp)
     stats = solution_function("channel_stats", cp=cp)
     ch05.check_channel_stats(stats, xp=cp)
     ch05.check_channel_stats_large_offset(stats, xp=cp)
+    ch05.check_batchnorm_forward_cupy(solution_function("batchnorm_forward_cupy", "channel_stats", cp=cp), xp=cp)
+
+
+VAR_LINE = "    var = squares(x, mean.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=axes) / count"
+REDUCTION_MISTAKES = {
+    "cancellation of the one-pass": [(VAR_LINE, "    var = squares(x, cp.zeros_like(mean.reshape((1, -1) + (1,) * "
+                                                "(x.ndim - 2))), axis=axes) / count - mean * mean")],
+    "divides by the count minus 1": [(VAR_LINE, VAR_LINE.replace("/ count", "/ (count - 1)"))],
+    "does not use ReductionKernel": [
+        ('total = cp.ReductionKernel("T v", "T s", "v", "a + b", "s = a", "0", "bn_sum")',
+         "total = lambda v, axis: v.sum(axis=axis)"),
+        ('squares = cp.ReductionKernel("T v, T m", "T s", "(v - m) * (v - m)", "a + b", "s = a", "0", '
+         '"bn_centred_squares")', "squares = lambda v, m, axis: ((v - m) ** 2).sum(axis=axis)")],
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("message", REDUCTION_MISTAKES)
+def test_each_reduction_moments_mistake_is_named_on_the_emulator(message):
+    def edit(source):
+        for old, new in REDUCTION_MISTAKES[message]:
+            source = edit_once(old, new)(source)
+        return source
+
+    cp = emulator.CupyOnCpu()
+    with pytest.raises(AssertionError, match=message):
+        ch05.check_reduction_moments(solution_function("reduction_moments", cp=cp, edit=edit), xp=cp)
+
+
+def test_the_kernel_requirement_sees_calls_and_global_kernels_but_not_docstrings():
+    class ReductionKernel:
+        pass
+
+    namespace = {"ReductionKernel": ReductionKernel}
+    run_cell('K = ReductionKernel()\n'
+             'def built_here():\n    return ReductionKernel()\n'
+             'def built_before():\n    return K\n'
+             'def only_named():\n    """Sums with a ReductionKernel."""\n    return 0  # ReductionKernel\n', namespace)
+    for name in ("built_here", "built_before"):
+        compare.require_construct(namespace[name], "ReductionKernel", name, "why")
+    with pytest.raises(AssertionError, match="only_named does not use ReductionKernel: why"):
+        compare.require_construct(namespace["only_named"], "ReductionKernel", "only_named", "why")
 
 
 @needs_cxx

@@ -10,7 +10,7 @@ import numpy as np
 
 import bnref
 
-from .compare import Case, Mistake, check_not_reference, close, compare, tolerance
+from .compare import Case, Mistake, check_not_reference, close, compare, require_construct, tolerance
 from .device import default_xp, on_device
 
 # float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
@@ -106,22 +106,26 @@ def reference_channel_stats(x):
     return x64.mean(axes), x64.var(axes)
 
 
-def _stats_cases(seed=52, loc=0.0, scale=None):
+def _stats_cases(seed=52, loc=0.0, scale=None, shapes=STATS_SHAPES):
+    """float32 inputs (N, C, ...) with a mean and a spread per channel (or one spread ``scale``, means near ``loc``)."""
     rng = np.random.default_rng(seed)
     cases = []
-    for shape in STATS_SHAPES:
+    for shape in shapes:
         C = shape[1]
+        per_channel = (1, -1) + (1,) * (len(shape) - 2)
         means = loc + rng.normal(0.0, 3.0, C) if not loc else loc * (1 + 0.01 * rng.standard_normal(C))
         scales = scale if scale is not None else rng.uniform(0.5, 3.0, C)
-        x = (means[None, :, None, None] + np.reshape(scales, (1, -1, 1, 1)) * rng.standard_normal(shape))
+        x = np.reshape(means, per_channel) + np.reshape(scales, per_channel) * rng.standard_normal(shape)
         cases.append(Case((x.astype(np.float32),), f"x {shape} float32" + (f", |mean|/std ~ {loc:g}" if loc else "")))
     return cases
 
 
 STATS_MISTAKES = [
-    Mistake("your variance divides by N*H*W - 1; the batch statistics use the biased variance (divide by the count)",
+    Mistake("your variance divides by the count minus 1 (N*H*W - 1); the batch statistics use the biased variance "
+            "(divide by the count)",
             lambda x: (reference_channel_stats(x)[0], reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1))),
-    Mistake("the statistics are taken over every value of the tensor, not per channel over (N, H, W)",
+    Mistake("the statistics are taken over every value of the tensor, not per channel over (N, H, W) "
+            "(per feature, over N, for an (N, D) input)",
             lambda x: (np.full(x.shape[1], x.astype(np.float64).mean()), np.full(x.shape[1], x.astype(np.float64).var()))),
     Mistake("the statistics run over only the first sample (n = 0) of each channel; loop over the batch too",
             lambda x: reference_channel_stats(x[:1])),
@@ -158,24 +162,47 @@ def check_channel_stats_large_offset(student, xp=None):
     """
     check_not_reference(student, "channel_stats")
     xp = xp or default_xp()
-    run = on_device(student, xp)
-    for case in _stats_cases(seed=53, loc=1e3, scale=1.0):
+    _check_large_offset(on_device(student, xp), "channel_stats", _stats_cases(seed=53, loc=1e3, scale=1.0))
+
+
+def _check_large_offset(run, name, cases):
+    """``run(x) -> (mean, var)`` must hold on ``cases`` (means near 1e3, std 1); a variance that is right once the
+    data are shifted to a mean near 0 is named as the one-pass cancellation."""
+    for case in cases:
         (x,) = case.args
         expected = reference_channel_stats(x)
         try:
             got = run(x)
         except Exception as exc:
-            raise AssertionError(f"channel_stats raised {type(exc).__name__}: {exc} (input: {case.label})") from None
+            raise AssertionError(f"{name} raised {type(exc).__name__}: {exc} (input: {case.label})") from None
         if close(got, expected, np.float32):
             continue
         centred = (x.astype(np.float64) - 1e3).astype(np.float32)   # the same spread, mean near 0
         shifted = run(centred)
         if close(shifted[1], reference_channel_stats(centred)[1], np.float32):
             raise AssertionError(
-                "channel_stats: the variance is right for data near 0 but wrong for the same data shifted to a mean "
+                f"{name}: the variance is right for data near 0 but wrong for the same data shifted to a mean "
                 f"of 1e3 ({case.label}). That is the cancellation of the one-pass E[x^2] - E[x]^2 in float32; use "
-                "Welford's update per thread and Chan's merge (or subtract the mean before squaring)")
-        raise AssertionError(f"channel_stats does not match the reference for input {case.label}")
+                "two passes (subtract the mean before squaring), or Welford's update and Chan's merge")
+        raise AssertionError(f"{name} does not match the reference for input {case.label}")
+
+
+# --- 2b. two-pass statistics with ReductionKernels ------------------------------------------------
+
+MOMENT_SHAPES = [(64, 5), (7, 300), (2, 3), (2, 3, 5, 7), (5, 6, 33, 31)]
+
+
+def check_reduction_moments(student, xp=None):
+    """Hidden test of ``reduction_moments(x) -> (mean, var)``: per feature of (N, D), per channel of (N, C, H, W),
+    float32, computed with ``cupy.ReductionKernel``; accurate when |mean| / std = 1e3."""
+    check_not_reference(student, "reduction_moments")
+    xp = xp or default_xp()
+    run = on_device(student, xp)
+    compare(run, reference_channel_stats, _stats_cases(seed=55, shapes=MOMENT_SHAPES), "reduction_moments",
+            STATS_MISTAKES[:2])
+    require_construct(student, "ReductionKernel", "reduction_moments",
+                      "compute the sums with your own cupy.ReductionKernel (that is what this exercise practises)")
+    _check_large_offset(run, "reduction_moments", _stats_cases(seed=56, loc=1e3, scale=1.0, shapes=MOMENT_SHAPES))
 
 
 # --- 3. the forward pass ----------------------------------------------------------------------

@@ -5,7 +5,10 @@ mistake the student's output matches.
 A hidden test raises ``AssertionError`` with a message written for the
 student; nbgrader scores the cell 0 and the feedback shows that message.
 """
+import ast
 import copy
+import inspect
+import textwrap
 import types
 from typing import Callable, NamedTuple
 
@@ -68,6 +71,8 @@ def uses_reference(fn):
         return any(uses_reference(part) for part in parts)
     names = getattr(fn, "__globals__", None) or getattr(getattr(fn, "__init__", None), "__globals__", {})
     for value in names.values():
+        if isinstance(value, (np.ndarray, np.generic)):
+            continue  # data, not code (the GPU emulator's device arrays are an ndarray subclass from bnref)
         module = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(module, str) and module.split(".")[0] == "bnref":
             return True
@@ -79,6 +84,24 @@ def check_not_reference(fn, name):
     if uses_reference(fn):
         raise AssertionError(f"{name}: your notebook uses the course's reference package `bnref`; "
                              "grading needs your own implementation.")
+
+
+def require_construct(fn, cls, name, why):
+    """Fail unless ``fn`` builds a ``cls`` object (a call to a name ``cls`` in its code) or uses a global one.
+
+    Docstrings and comments do not count. Skipped when Python has no source for ``fn``.
+    """
+    used = [getattr(fn, "__globals__", {}).get(n) for n in getattr(getattr(fn, "__code__", None), "co_names", ())]
+    if any(type(obj).__name__ == cls for obj in used):
+        return
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == cls:
+            return
+    raise AssertionError(f"{name} does not use {cls}: {why}.")
 
 
 def _call(fn, args, name, label):

@@ -51,7 +51,7 @@ GUARD = 4096                     # bytes of GUARD_BYTE on both sides of every ar
 GUARD_BYTE = 0xFE                # not 0xFF, the fill of fresh memory: a NaN copied past the end is still seen
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 
-_SIGNATURE = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
+_SIGNATURE = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\((\d+)[^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
 _SCALARS = {"int": np.int32, "unsigned int": np.uint32, "long long": np.int64, "float": np.float32,
             "double": np.float64, "bool": np.bool_}
 _POINTEES = {"float": (np.float32, 4), "float4": (np.float32, 16), "int": (np.int32, 4),
@@ -76,23 +76,28 @@ class Param(NamedTuple):
     pointer: bool
 
 
+class Signature(NamedTuple):
+    params: list        # [Param, ...]
+    max_threads: int    # __launch_bounds__, or CUDA's limit of 1024 threads per block
+
+
 def signatures(source):
-    """{kernel name: [Param, ...]} of the ``extern "C" __global__`` kernels of a CUDA source."""
+    """{kernel name: Signature} of the ``extern "C" __global__`` kernels of a CUDA source."""
     found = {}
-    for name, params in _SIGNATURE.findall(source):
-        found[name] = []
+    for bound, name, params in _SIGNATURE.findall(source):
+        found[name] = Signature([], int(bound or 1024))
         for p in params.split(","):
             words = p.replace("__restrict__", " ").replace("*", " * ").split()
             ctype = " ".join(words[:-1]).replace(" *", "*")
             base = " ".join(w for w in words[:-1] if w not in ("const", "*"))
-            found[name].append(Param(ctype, base, "*" in words))
+            found[name].params.append(Param(ctype, base, "*" in words))
     return found
 
 
 def _thunks(sigs):
     """C entry points emu_thunk_<name>(void** args): each argument read from args[i], as cuLaunchKernel does."""
     lines = []
-    for name, params in sigs.items():
+    for name, (params, _) in sigs.items():
         unpacked = ", ".join(f"*({p.ctype}*)a[{i}]" for i, p in enumerate(params))
         lines.append(f'extern "C" void emu_thunk_{name}(void** a) {{ {name}({unpacked}); }}')
     return "\n".join(lines) + "\n"
@@ -107,13 +112,12 @@ def _cache_dir():
 _LIBRARIES = {}
 
 
-def build(source):
-    """Compile ``source`` for the emulator (cached on disk by content); returns (ctypes library, signatures)."""
+def library(text):
+    """``text`` (C++ with CUDA's syntax) compiled with ``emulator.hpp`` into a shared library, cached on disk by
+    content; the ctypes handle, with ``emu_launch`` typed."""
     cxx = compiler()
     if cxx is None:
         raise EmulatorError("the CUDA emulator needs a host C++ compiler (g++ or c++ on PATH, or $CXX)")
-    sigs = signatures(source)
-    text = source + "\n" + _thunks(sigs)
     key = hashlib.sha256("\0".join((HEADER.read_text(), text, cxx, *CXX_FLAGS)).encode()).hexdigest()[:24]
     if key not in _LIBRARIES:
         lib = _cache_dir() / f"{key}.so"
@@ -130,8 +134,14 @@ def build(source):
         handle.emu_launch.restype = ctypes.c_int
         handle.emu_launch.argtypes = ([ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_uint] * 6
                                       + [ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_int])
-        _LIBRARIES[key] = (handle, sigs)
+        _LIBRARIES[key] = handle
     return _LIBRARIES[key]
+
+
+def build(source):
+    """A CUDA source with its ``extern "C"`` kernels compiled for the emulator: (ctypes library, signatures)."""
+    sigs = signatures(source)
+    return library(source + "\n" + _thunks(sigs)), sigs
 
 
 # --- device memory ------------------------------------------------------------------------------
@@ -176,8 +186,9 @@ def _check_guards(kernel):
 class Kernel:
     """One kernel of an emulated module; called like CuPy's: ``kernel(grid, block, args)``."""
 
-    def __init__(self, backend, library, name, params):
-        self.backend, self.library, self.name, self.params = backend, library, name, params
+    def __init__(self, backend, library, name, signature):
+        self.backend, self.library, self.name = backend, library, name
+        self.params, self.max_threads = signature
         self.thunk = ctypes.cast(getattr(library, f"emu_thunk_{name}"), ctypes.c_void_p)
 
     def _marshal(self, args):
@@ -204,8 +215,11 @@ class Kernel:
 
     def __call__(self, grid, block, args):
         grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-        if np.prod(block) > 1024 or min(grid + block) < 1:
+        if min(grid + block) < 1 or grid[1] > 65535 or grid[2] > 65535 or block[2] > 64:
             raise EmulatorError(f"{self.name}: invalid launch grid {grid}, block {block}")
+        if np.prod(block) > self.max_threads:
+            raise EmulatorError(f"{self.name}: a block of {int(np.prod(block))} threads exceeds the kernel's "
+                                f"limit of {self.max_threads} (__launch_bounds__, or 1024)")
         held = self._marshal(tuple(args))
         pointers = (ctypes.c_void_p * len(held))(*[ctypes.addressof(h) for h in held])
         err = ctypes.create_string_buffer(512)
@@ -256,6 +270,24 @@ class CupyOnCpu:
 
     def RawKernel(self, code, name, options=()):  # noqa: N802
         return RawModule(self, code, options).get_function(name)
+
+    @staticmethod
+    def ElementwiseKernel(*args, **kwargs):  # noqa: N802
+        from .emulated_kernels import ElementwiseKernel
+        return ElementwiseKernel(*args, **kwargs)
+
+    @staticmethod
+    def ReductionKernel(*args, **kwargs):  # noqa: N802
+        from .emulated_kernels import ReductionKernel
+        return ReductionKernel(*args, **kwargs)
+
+    def get_array_module(self, *args):
+        """This module for device arrays, NumPy otherwise (as cupy.get_array_module)."""
+        return self if any(isinstance(a, Array) for a in args) else np
+
+    def __getattr__(self, name):
+        """Everything else (sqrt, float32, ...) from NumPy: on an Array, a ufunc returns an Array."""
+        return getattr(np, name)
 
     def empty(self, shape, dtype=np.float32):
         return _alloc(shape, dtype)
