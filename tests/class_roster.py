@@ -187,6 +187,9 @@ ROSTER["ch05_cupy_kernels"] = {
         (WELFORD_FINISH, "    cnt[tid] = k;\n    avg[tid] = k > 0.0f ? m / k : 0.0f;\n"
                          "    dev[tid] = k > 0.0f ? q - m * m / k : 0.0f;")]},
         "lose": {"test_channel_stats_offset"}, "says": "cancellation of the one-pass"},
+    "biased-running-var": {"replace": {"fused_forward_stats": [("momentum * p.m2 / (p.n - 1.0f);",
+                                                                "momentum * p.m2 / p.n;")]},
+                           "lose": {"test_fused_stats"}, "says": "average the unbiased one"},
     "channel-last-index": {"replace": {"batchnorm_forward_cupy": [("(i / plane) % channels", "i % channels")]},
                            "lose": {"test_forward_cupy"}, "says": "the channel of element i is computed wrongly"},
 }

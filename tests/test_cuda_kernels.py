@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import bnref
-from bnref.cuda import KERNELS, NO_GPU_MESSAGE, emulator, gpu, gpu_available, kernel_source, mirror, nvcc, plan, roofline
+from bnref.cuda import (KERNELS, NO_GPU_MESSAGE, emulator, gpu, gpu_available, kernel_source, mirror, nvcc, plan,
+                        roofline)
 
 HAS_GPU = gpu_available()
 needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ compiler: CUDA emulator not built")
@@ -74,20 +75,22 @@ def test_kernel_source_compiles_without_spills(file, arch, tmp_path, ptxas_rows,
 
 
 @needs_nvcc
-def test_the_exercise_solution_kernel_compiles(tmp_path):
-    """The CUDA string of the solved chapter-5 exercise (its grader runs it on a GPU)."""
+@pytest.mark.parametrize("grade_id,kernel", [("channel_stats", "channel_stats"),
+                                             ("fused_forward_stats", "fused_stats")])
+def test_the_exercise_solution_kernels_compile(grade_id, kernel, tmp_path):
+    """The CUDA strings of the solved chapter-5 exercise (their grader runs them on a GPU)."""
     import jupytext
     from bngrade.course import SOURCES
 
     cell = next(c for c in jupytext.read(SOURCES / "ch05_cupy_kernels.md").cells
-                if c.metadata.get("nbgrader", {}).get("grade_id") == "channel_stats")
+                if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
     (source,) = re.findall(r'source = r"""\n(.*?)"""', cell.source, re.S)
     (tmp_path / "exercise.cu").write_text(source)
     proc = subprocess.run([nvcc.nvcc_path(), "-cubin", "-arch=sm_80", "-Xptxas", "-v", str(tmp_path / "exercise.cu"),
                            "-o", str(tmp_path / "exercise.cubin")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = nvcc.parse_ptxas(proc.stdout + proc.stderr)
-    assert row.kernel == "channel_stats" and row.spill_stores == 0
+    assert row.kernel == kernel and row.spill_stores == 0
 
 
 def test_kernel_sources_are_self_contained_and_name_every_kernel():
@@ -212,16 +215,15 @@ def test_wrappers_need_a_gpu_and_say_how_to_get_one():
         assert str(info.value) == NO_GPU_MESSAGE
 
 
-# --- the kernels run: on a GPU, and on the CPU emulator -----------------------------------------------------------------------------------
+# --- the kernels run: on a GPU, and on the CPU emulator ------------------------------------------------
 
 GPU_SHAPES = [(2, 3, 5, 7), (3, 5, 7, 11), (16, 8, 33, 33), (4, 16, 28, 28), (1000, 37), (64, 12)]
 
 
-@pytest.fixture(params=[
-    pytest.param("emulator", marks=needs_cxx),
-    pytest.param("cupy", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: cupy.is_available() is False")]),
-])
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: cupy.is_available() is False")]
+
+
+@pytest.fixture(params=[pytest.param("emulator", marks=needs_cxx), pytest.param("cupy", marks=ON_GPU)])
 def cp(request):
     """Where the kernels run: CuPy on a GPU, or the CPU emulator of bnref.cuda.emulator (same source, same tests)."""
     if request.param == "cupy":

@@ -14,6 +14,7 @@ import bnref
 from bnref.cuda import emulator, gpu_available, mirror
 from bngrade import ch05, compare
 from bngrade.course import SOURCES
+from class_roster import ROSTER
 
 
 @pytest.fixture(autouse=True)
@@ -114,24 +115,36 @@ def test_a_merge_that_returns_float64_for_float32_means_is_named():
 needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ compiler: CUDA emulator not built")
 
 
-def edit_once(old, new):
+def edits(*pairs):
+    """An edit of a cell's source: each (old, new) replaces text that must occur exactly once."""
     def edit(source):
-        assert source.count(old) == 1, f"the solution no longer contains {old!r}"
-        return source.replace(old, new)
+        for old, new in pairs:
+            assert source.count(old) == 1, f"the solution no longer contains {old!r} exactly once"
+            source = source.replace(old, new)
+        return source
     return edit
 
 
-@needs_cxx
-@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
-def test_the_whole_solution_passes_every_hidden_check_on_the_cpu_emulator(order):
-    """The exercise's CuPy code itself (RawKernel, ReductionKernels, ElementwiseKernel), run by bnref.cuda.emulator."""
-    cp = emulator.CupyOnCpu(order=order)
+ON_GPU = [pytest.mark.gpu,
+          pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU here: cupy.is_available() is False")]
+EMULATED = [pytest.param(order, marks=needs_cxx) for order in ("forward", "reverse", "shuffled")]
+
+
+@pytest.mark.parametrize("where", [*EMULATED, pytest.param("cupy", marks=ON_GPU)])
+def test_the_whole_solution_passes_every_hidden_check(where):
+    """The exercise's CuPy code itself (RawKernels, ReductionKernels, ElementwiseKernel): on a GPU, or run by
+    bnref.cuda.emulator with its blocks and threads in forward, reverse or shuffled order."""
+    if where == "cupy":
+        import cupy as cp
+    else:
+        cp = emulator.CupyOnCpu(order=where)
     ch05.check_chan_merge(solution_function("chan_merge", cp=cp), xp=cp)
     ch05.check_reduction_moments(solution_function("reduction_moments", cp=cp), xp=cp)
     stats = solution_function("channel_stats", cp=cp)
     ch05.check_channel_stats(stats, xp=cp)
     ch05.check_channel_stats_large_offset(stats, xp=cp)
     ch05.check_batchnorm_forward_cupy(solution_function("batchnorm_forward_cupy", "channel_stats", cp=cp), xp=cp)
+    ch05.check_fused_forward_stats(solution_function("fused_forward_stats", cp=cp), xp=cp)
 
 
 VAR_LINE = "    var = squares(x, mean.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=axes) / count"
@@ -147,17 +160,57 @@ REDUCTION_MISTAKES = {
 }
 
 
-@needs_cxx
-@pytest.mark.parametrize("message", REDUCTION_MISTAKES)
-def test_each_reduction_moments_mistake_is_named_on_the_emulator(message):
-    def edit(source):
-        for old, new in REDUCTION_MISTAKES[message]:
-            source = edit_once(old, new)(source)
-        return source
+def test_the_fused_reference_follows_torch_batchnorm2d():
+    import torch
 
+    for case in ch05._fused_cases():
+        x, rm, rv, momentum, eps = case.args
+        layer = torch.nn.BatchNorm2d(x.shape[1], eps=eps, momentum=momentum, dtype=torch.float64)
+        layer.running_mean.copy_(torch.from_numpy(rm.astype(np.float64)))
+        layer.running_var.copy_(torch.from_numpy(rv.astype(np.float64)))
+        with torch.no_grad():
+            layer(torch.from_numpy(x.astype(np.float64)))
+        mean, rstd, new_rm, new_rv = ch05.reference_fused_stats(x, rm, rv, momentum, eps)
+        np.testing.assert_allclose(new_rm, layer.running_mean.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(new_rv, layer.running_var.numpy(), rtol=1e-10)
+
+
+FUSED_RUNNING_VAR = "momentum * p.m2 / (p.n - 1.0f);"
+FUSED_MISTAKES = {
+    "unbiased one": [(FUSED_RUNNING_VAR, "momentum * p.m2 / p.n;")],
+    "TensorFlow's convention": [("(1.0f - momentum) * running_mean[c] + momentum * p.mean",
+                                 "momentum * running_mean[c] + (1.0f - momentum) * p.mean"),
+                                ("(1.0f - momentum) * running_var[c] + momentum * p.m2",
+                                 "momentum * running_var[c] + (1.0f - momentum) * p.m2")],
+    "not updated": [("            running_mean[c] = ", "            // running_mean[c] = "),
+                    ("            running_var[c] = ", "            // running_var[c] = ")],
+    "cancellation of the one-pass": [("""            const float step = v - p.mean;
+            p.mean += step / p.n;
+            p.m2 += step * (v - p.mean);""", """            p.mean += v;
+            p.m2 += v * v;"""), ("""    p = warp_merge(p);
+    if (lane == 0) warps[warp] = p;""", """    if (p.n > 0.0f) { p.m2 -= p.mean * p.mean / p.n; p.mean /= p.n; }
+    p = warp_merge(p);
+    if (lane == 0) warps[warp] = p;""")],
+    # a shuffle that only lane 0 reaches: undefined on a GPU, reported by the emulator
+    "full mask in a warp": [
+        ("        p = warp_merge(lane < blockDim.x / 32 ? warps[lane] : empty);\n        if (lane == 0) {",
+         "        p = lane < blockDim.x / 32 ? warps[lane] : empty;\n        if (lane == 0) {\n"
+         "            p = warp_merge(p);")],
+}
+
+
+SEEDED = [("reduction_moments", ch05.check_reduction_moments, message, pairs)
+          for message, pairs in REDUCTION_MISTAKES.items()]
+SEEDED += [("fused_forward_stats", ch05.check_fused_forward_stats, message, pairs)
+           for message, pairs in FUSED_MISTAKES.items()]
+
+
+@needs_cxx
+@pytest.mark.parametrize("grade_id,check,message,pairs", SEEDED, ids=[f"{g}: {m}" for g, _, m, _ in SEEDED])
+def test_each_seeded_mistake_in_the_cupy_code_is_named_on_the_emulator(grade_id, check, message, pairs):
     cp = emulator.CupyOnCpu()
     with pytest.raises(AssertionError, match=message):
-        ch05.check_reduction_moments(solution_function("reduction_moments", cp=cp, edit=edit), xp=cp)
+        check(solution_function(grade_id, cp=cp, edit=edits(*pairs)), xp=cp)
 
 
 def test_the_kernel_requirement_sees_calls_and_global_kernels_but_not_docstrings():
@@ -177,17 +230,9 @@ def test_the_kernel_requirement_sees_calls_and_global_kernels_but_not_docstrings
 
 @needs_cxx
 def test_a_one_pass_kernel_fails_the_large_offset_check_with_its_name():
-    one_pass = edit_once("""            const float step = v - m;
-            m += step / k;
-            q += step * (v - m);""", """            m += v;          // sum x
-            q += v * v;      // sum x^2""")
-    finish = edit_once("""    cnt[tid] = k;
-    avg[tid] = m;
-    dev[tid] = q;""", """    cnt[tid] = k;
-    avg[tid] = k > 0.0f ? m / k : 0.0f;
-    dev[tid] = k > 0.0f ? q - m * m / k : 0.0f;""")
+    one_pass = edits(*ROSTER["ch05_cupy_kernels"]["one-pass-kernel"]["replace"]["channel_stats"])
     cp = emulator.CupyOnCpu()
-    stats = solution_function("channel_stats", cp=cp, edit=lambda s: finish(one_pass(s)))
+    stats = solution_function("channel_stats", cp=cp, edit=one_pass)
     ch05.check_channel_stats(stats, xp=cp)      # fine near 0 ...
     with pytest.raises(AssertionError, match="cancellation of the one-pass"):
         ch05.check_channel_stats_large_offset(stats, xp=cp)   # ... wrong at |mean|/std = 1e3
@@ -196,10 +241,10 @@ def test_a_one_pass_kernel_fails_the_large_offset_check_with_its_name():
 @needs_cxx
 def test_a_tree_without_a_barrier_per_level_is_caught():
     """A classic student bug: no __syncthreads() between the levels of the shared-memory tree."""
-    racy = edit_once("""            cnt[tid] = kab;
+    racy = edits(("""            cnt[tid] = kab;
         }
         __syncthreads();""", """            cnt[tid] = kab;
-        }""")
+        }"""))
     cp = emulator.CupyOnCpu()
     with pytest.raises(AssertionError, match="channel_stats"):
         ch05.check_channel_stats(solution_function("channel_stats", cp=cp, edit=racy), xp=cp)
@@ -251,11 +296,10 @@ def test_using_the_reference_package_is_refused():
         ch05.check_batchnorm_forward_cupy(namespace["batchnorm_forward_cupy"], xp=np)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU here: cupy.is_available() is False")
-def test_the_exercise_solutions_pass_the_hidden_checks_on_a_gpu():
-    ch05.check_chan_merge(solution_function("chan_merge"))
-    stats = solution_function("channel_stats")
-    ch05.check_channel_stats(stats)
-    ch05.check_channel_stats_large_offset(stats)
-    ch05.check_batchnorm_forward_cupy(solution_function("batchnorm_forward_cupy", "channel_stats"))
+def test_the_fused_check_judges_the_student_not_its_own_wrapper_for_the_reference_package():
+    """The check wraps the student's function in bngrade.ch05, which imports bnref; only the student's counts."""
+    namespace = {"np": np}
+    exec("def fused_forward_stats(x, rm, rv, momentum=0.1, eps=1e-5):\n    return x, x", namespace)
+    assert not compare.uses_reference(ch05._fused_on_device(namespace["fused_forward_stats"], np))
+    namespace["bnref"] = bnref
+    assert compare.uses_reference(ch05._fused_on_device(namespace["fused_forward_stats"], np))

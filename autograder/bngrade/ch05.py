@@ -11,7 +11,7 @@ import numpy as np
 import bnref
 
 from .compare import Case, Mistake, check_not_reference, close, compare, require_construct, tolerance
-from .device import default_xp, on_device
+from .device import default_xp, on_device, to_numpy
 
 # float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
 STATS_SHAPES = [(2, 3, 5, 7), (3, 4, 17, 19), (64, 3, 1, 1), (5, 6, 33, 31), (1, 2, 300, 1)]
@@ -267,3 +267,73 @@ def check_batchnorm_forward_cupy(student, xp=None):
     if np.asarray(out).dtype != np.float32:
         raise AssertionError(f"batchnorm_forward_cupy returns {np.asarray(out).dtype} for float32 input; "
                              "the kernels work in float32")
+
+
+# --- 5. the fused statistics kernel, with the running update -------------------------------------
+
+def reference_fused_stats(x, running_mean, running_var, momentum, eps):
+    """(mean, rstd, new running_mean, new running_var) in float64, PyTorch's convention (unbiased running_var)."""
+    mean, var = reference_channel_stats(x)
+    n = _count(x)
+    rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    new_rm = (1 - momentum) * rm + momentum * mean
+    new_rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
+    return mean, 1 / np.sqrt(var + eps), new_rm, new_rv
+
+
+def _fused_cases(seed=57):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for case, momentum, eps in zip(_stats_cases(seed=seed), (0.1, 0.3, 0.1, 0.01, 1.0), (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
+        (x,) = case.args
+        C = x.shape[1]
+        rm, rv = rng.normal(0, 1, C).astype(np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
+        cases.append(Case((x, rm, rv, momentum, eps), f"{case.label}, momentum={momentum}, eps={eps}"))
+    return cases
+
+
+FUSED_MISTAKES = [
+    Mistake("running_var averages the biased batch variance; PyTorch (and Ioffe & Szegedy's Algorithm 2) average "
+            "the unbiased one, m2 / (n - 1)",
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:3]
+            + ((1 - m) * rv + m * reference_channel_stats(x)[1],)),
+    Mistake("the momentum is used in TensorFlow's convention (weight of the old value); in PyTorch's it weighs the "
+            "new batch statistic: new = (1 - momentum) * old + momentum * batch",
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:2]
+            + reference_fused_stats(x, rm, rv, 1 - m, eps)[2:]),
+    Mistake("the running statistics are not updated: the kernel must write the new values into the running_mean "
+            "and running_var buffers it was given",
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:2] + (rm, rv)),
+    Mistake("rstd is sqrt(var + eps); it is the reciprocal, 1 / sqrt(var + eps)",
+            lambda x, rm, rv, m, eps: (reference_channel_stats(x)[0], np.sqrt(reference_channel_stats(x)[1] + eps))
+            + reference_fused_stats(x, rm, rv, m, eps)[2:]),
+]
+
+
+def _fused_on_device(student, xp):
+    """``student`` on device copies of (x, running_mean, running_var); returns (mean, rstd, running_mean,
+    running_var) on the host, the buffers as the student's kernel left them."""
+    def run(x, running_mean, running_var, momentum, eps):
+        rm, rv = xp.asarray(running_mean), xp.asarray(running_var)
+        mean, rstd = to_numpy(student(xp.asarray(x), rm, rv, momentum, eps))
+        return mean, rstd, to_numpy(rm), to_numpy(rv)
+
+    run.__name__ = getattr(student, "__name__", "student")
+    run.graded_parts = (student,)  # this module imports bnref: judge the student's function, not this wrapper
+    return run
+
+
+def check_fused_forward_stats(student, xp=None):
+    """Hidden test of ``fused_forward_stats(x, running_mean, running_var, momentum, eps) -> (mean, rstd)``: the
+    statistics, the in-place running update in PyTorch's convention, and accuracy at |mean| / std = 1e3."""
+    check_not_reference(student, "fused_forward_stats")
+    xp = xp or default_xp()
+    run = _fused_on_device(student, xp)
+    compare(run, reference_fused_stats, _fused_cases(), "fused_forward_stats", FUSED_MISTAKES)
+
+    def moments(x, eps=1e-5):
+        C = x.shape[1]
+        mean, rstd, _, _ = run(x, np.zeros(C, np.float32), np.ones(C, np.float32), 0.1, eps)
+        return mean, 1 / np.asarray(rstd, np.float64) ** 2 - eps
+
+    _check_large_offset(moments, "fused_forward_stats", _stats_cases(seed=58, loc=1e3, scale=1.0))
