@@ -14,7 +14,7 @@ import bnref
 from bnref.cuda import emulator, gpu_available, mirror
 from bngrade import ch05, compare
 from bngrade.course import SOURCES
-from class_roster import ROSTER
+from class_roster import REDUCTION_VAR, ROSTER
 
 
 @pytest.fixture(autouse=True)
@@ -147,11 +147,10 @@ def test_the_whole_solution_passes_every_hidden_check(where):
     ch05.check_fused_forward_stats(solution_function("fused_forward_stats", cp=cp), xp=cp)
 
 
-VAR_LINE = "    var = squares(x, mean.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=axes) / count"
+CH05_ROSTER = ROSTER["ch05_cupy_kernels"]
 REDUCTION_MISTAKES = {
-    "cancellation of the one-pass": [(VAR_LINE, "    var = squares(x, cp.zeros_like(mean.reshape((1, -1) + (1,) * "
-                                                "(x.ndim - 2))), axis=axes) / count - mean * mean")],
-    "divides by the count minus 1": [(VAR_LINE, VAR_LINE.replace("/ count", "/ (count - 1)"))],
+    "cancellation of the one-pass": CH05_ROSTER["one-pass-reduction"]["replace"]["reduction_moments"],
+    "divides by the count minus 1": [(REDUCTION_VAR, REDUCTION_VAR.replace("/ count", "/ (count - 1)"))],
     "does not use ReductionKernel": [
         ('total = cp.ReductionKernel("T v", "T s", "v", "a + b", "s = a", "0", "bn_sum")',
          "total = lambda v, axis: v.sum(axis=axis)"),
@@ -175,9 +174,8 @@ def test_the_fused_reference_follows_torch_batchnorm2d():
         np.testing.assert_allclose(new_rv, layer.running_var.numpy(), rtol=1e-10)
 
 
-FUSED_RUNNING_VAR = "momentum * p.m2 / (p.n - 1.0f);"
 FUSED_MISTAKES = {
-    "unbiased one": [(FUSED_RUNNING_VAR, "momentum * p.m2 / p.n;")],
+    "unbiased one": CH05_ROSTER["biased-running-var"]["replace"]["fused_forward_stats"],
     "TensorFlow's convention": [("(1.0f - momentum) * running_mean[c] + momentum * p.mean",
                                  "momentum * running_mean[c] + (1.0f - momentum) * p.mean"),
                                 ("(1.0f - momentum) * running_var[c] + momentum * p.m2",
@@ -230,7 +228,7 @@ def test_the_kernel_requirement_sees_calls_and_global_kernels_but_not_docstrings
 
 @needs_cxx
 def test_a_one_pass_kernel_fails_the_large_offset_check_with_its_name():
-    one_pass = edits(*ROSTER["ch05_cupy_kernels"]["one-pass-kernel"]["replace"]["channel_stats"])
+    one_pass = edits(*CH05_ROSTER["one-pass-kernel"]["replace"]["channel_stats"])
     cp = emulator.CupyOnCpu()
     stats = solution_function("channel_stats", cp=cp, edit=one_pass)
     ch05.check_channel_stats(stats, xp=cp)      # fine near 0 ...
