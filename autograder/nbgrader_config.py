@@ -21,6 +21,20 @@ c.IgnorePattern.pattern = r"Warning:|\d+%\|"
 
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
+# Autograde: nbgrader's sanitizing steps restore every test cell; then the notebook runs in a sandbox
+# (bngrade.autograde.SandboxedExecute, configured as c.Execute.*), and every test cell is judged outside it
+# (bngrade.autograde.Judge) before nbgrader's own SaveAutoGrades scores it.
+c.Autograde.autograde_preprocessors = [
+    "bngrade.autograde.SandboxedExecute",
+    "nbgrader.preprocessors.IgnorePattern",
+    "bngrade.autograde.Judge",
+    "nbconvert.preprocessors.ClearMetadataPreprocessor",
+    "nbgrader.preprocessors.LimitOutput",
+    "nbgrader.preprocessors.SaveAutoGrades",
+    "nbgrader.preprocessors.AssignLatePenalties",
+    "nbgrader.preprocessors.CheckCellMetadata",
+]
+
 # Feedback: remove hidden-test code (nbgrader #1363) and reduce tracebacks to
 # the assertion message, so no hidden test reaches a student.
 c.GenerateFeedback.preprocessors = [

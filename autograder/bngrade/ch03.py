@@ -13,6 +13,7 @@ written as variants of the closed form
 factor changed.
 """
 import numpy as np
+from bncapture import functions
 
 import bnref
 
@@ -232,23 +233,29 @@ def check_batchnorm_inference_backward(student):
 # Gradient checking
 
 def _gradcheck_cases(seed=33):
+    """Test functions f of :mod:`bncapture.functions` (public: the sandbox builds them from their names), among
+    them f = identity and f = transpose, whose results are x itself or a view of it."""
     rng = np.random.default_rng(seed)
     w, a = rng.normal(size=(3, 4)), rng.normal(size=(4, 2))
-    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
     return [
-        Case((lambda z: np.sin(z) * w, rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), 1e-5),
+        Case((functions.SinTimes(w), rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), 1e-5),
              "f(x) = sin(x) * w, x (3, 4), h=1e-5"),
-        Case((lambda z: z @ a, rng.normal(size=(5, 4)), rng.normal(size=(5, 2)), 1e-5),
+        Case((functions.MatMul(a), rng.normal(size=(5, 4)), rng.normal(size=(5, 2)), 1e-5),
              "f(x) = x @ A, x (5, 4), f(x) (5, 2), h=1e-5"),
-        Case((lambda z: z**3, rng.normal(size=6), rng.normal(size=6), 1e-2), "f(x) = x**3, x (6,), h=1e-2"),
-        Case((lambda z: bnref.batchnorm_forward(z, gamma, beta)[0], random_matrix(rng, (6, 3), np.float64),
+        Case((functions.Cube(), rng.normal(size=6), rng.normal(size=6), 1e-2), "f(x) = x**3, x (6,), h=1e-2"),
+        Case((functions.ColumnSoftmax(rng.uniform(0.5, 2.0, 3)), random_matrix(rng, (6, 3), np.float64),
               rng.normal(size=(6, 3)), 1e-5),
-             "f(x) = batch norm of x (6, 3), h=1e-5"),
+             "f(x) = softmax over the batch axis of x (6, 3), times w, h=1e-5"),
+        Case((functions.Identity(), rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), 1e-5),
+             "f(x) = x itself (no copy), x (4, 3), h=1e-5"),
+        Case((functions.Transpose(), rng.normal(size=(2, 5)), rng.normal(size=(5, 2)), 1e-5),
+             "f(x) = x.T (a view of x), x (2, 5), h=1e-5"),
     ]
 
 
-def _differences(f, x, df, h, lo=-1.0, hi=1.0, denom=2.0, weighted=True, restore=True):
+def _differences(f, x, df, h, lo=-1.0, hi=1.0, denom=2.0, weighted=True, restore=True, copy=True):
     """sum((f(x + hi*h e_i) - f(x + lo*h e_i)) * df) / (denom * h) per coordinate i, with variations."""
+    result = np.array if copy else np.asarray
     point = np.array(x, dtype=np.float64)
     df = np.asarray(df, dtype=np.float64) if weighted else 1.0
     grad = np.zeros(point.size)
@@ -256,9 +263,9 @@ def _differences(f, x, df, h, lo=-1.0, hi=1.0, denom=2.0, weighted=True, restore
     for i in range(point.size):
         centre = flat[i]
         flat[i] = centre + hi * h
-        up = np.asarray(f(point), dtype=np.float64)
+        up = result(f(point), dtype=np.float64)
         flat[i] = centre + lo * h
-        down = np.asarray(f(point), dtype=np.float64)
+        down = result(f(point), dtype=np.float64)
         if restore:
             flat[i] = centre
         grad[i] = np.sum((up - down) * df) / (denom * h)
@@ -280,6 +287,9 @@ GRADCHECK_MISTAKES = [
             lambda f, x, df, h: _differences(f, x, df, 1e-5)),
     Mistake("x is not restored after each perturbation: put x[i] back to its value before moving on to the next "
             "coordinate", lambda f, x, df, h: _differences(f, x, df, h, restore=False)),
+    Mistake("the result of f is not copied: when f returns x itself or a view of it (identity, .T, reshape), "
+            "f(x + h) changes when you move x to x - h, and the difference is 0. Copy it: np.array(f(x))",
+            lambda f, x, df, h: _differences(f, x, df, h, copy=False)),
 ]
 
 

@@ -15,6 +15,7 @@ from bnref import mlp
 from bnref.data import load_digits
 
 from .compare import Mistake, check_not_reference, close
+from .remote import OBJECT_CODECS
 
 TOL = (1e-6, 1e-9)  # float64 end to end; only the order of summation may differ
 SIZES = (64, 40, 30, 10)
@@ -35,6 +36,51 @@ def _model(epochs=0, seed=0, bn=True, momentum=0.1):
     for _ in range(epochs):
         mlp.train_epoch(model, x, y, 0.1, 32, rng)
     return model.train()
+
+
+# The sandbox gets a model as data: the notebook's own MLP and BatchNormLayer classes, built with the state of
+# a reference model (same attribute names; one output bias); what the student's call left in it comes back.
+LAYER_STATE = ("gamma", "beta", "running_mean", "running_var")
+
+
+def _model_tree(model, encode):
+    layers = [{"obj": "BatchNormLayer", "attrs": {
+        **{name: encode(getattr(layer, name)) for name in LAYER_STATE},
+        "momentum": float(layer.momentum), "eps": float(layer.eps), "training": bool(layer.training),
+        "pending": None}} for layer in model.bn_layers]
+    return {"obj": "MLP", "attrs": {"weights": encode(list(model.weights)), "bias": encode(model.biases[-1]),
+                                    "bn_layers": {"l": layers}, "training": bool(model.training)}}
+
+
+def _plain(tree, arrays):
+    """An array or scalar of a state that came back from the sandbox."""
+    if isinstance(tree, dict) and "a" in tree:
+        return np.array(arrays[tree["a"]], dtype=np.float64)
+    if isinstance(tree, dict) and "s" in tree:
+        return float(tree["s"])
+    if isinstance(tree, (bool, int, float)):
+        return tree
+    raise ValueError("a model came back with an attribute that is not an array or a number")
+
+
+def _apply_model(model, tree, arrays, session):
+    """Give the reference ``model`` the state the student's call left the sandbox's model in."""
+    attrs = tree["attrs"]
+    weights = attrs["weights"]["l"]
+    if len(weights) != len(model.weights):
+        raise ValueError("a model came back with a different number of layers")
+    for i, item in enumerate(weights):
+        model.weights[i] = _plain(item, arrays)
+    model.biases[-1] = _plain(attrs["bias"], arrays)
+    model.training = bool(attrs["training"])
+    for layer, sub in zip(model.bn_layers, attrs["bn_layers"]["l"]):
+        for name in LAYER_STATE:
+            setattr(layer, name, _plain(sub["attrs"][name], arrays))
+        layer.momentum = float(_plain(sub["attrs"]["momentum"], arrays))
+        layer.training = bool(sub["attrs"]["training"])
+
+
+OBJECT_CODECS[mlp.MLP] = (_model_tree, _apply_model)
 
 
 def _parts(model):
@@ -135,7 +181,7 @@ def _evaluate_cases():
     x, y = _digits()[2:]
     return [("a BN model after 2 epochs of training", (_model(epochs=2), x, y)),
             ("an untrained BN model with random running statistics", (random_stats, x, y)),
-            ("a model without BN", (_model(epochs=1, bn=False), x, y))]
+            ("a BN model after 1 epoch, momentum 0.5", (_model(epochs=1, seed=3, momentum=0.5), x, y))]
 
 
 def check_evaluate(student):

@@ -66,6 +66,10 @@ def uses_reference(fn):
     A function the grader builds from student functions (e.g. a forward pass
     followed by a backward pass) lists them in its ``graded_parts``; those are checked instead.
     """
+    from .remote import Remote
+
+    if isinstance(fn, Remote):
+        return False  # it lives in the sandbox, where bnref does not exist; the static scan flags imports of it
     parts = getattr(fn, "graded_parts", None)
     if parts is not None:
         return any(uses_reference(part) for part in parts)
@@ -89,8 +93,16 @@ def check_not_reference(fn, name):
 def require_construct(fn, cls, name, why):
     """Fail unless ``fn`` builds a ``cls`` object (a call to a name ``cls`` in its code) or uses a global one.
 
-    Docstrings and comments do not count. Skipped when Python has no source for ``fn``.
+    Docstrings and comments do not count. Skipped when Python has no source for ``fn``. For the student's
+    function in the sandbox, the source is that of the answer cell that defines it.
     """
+    from .remote import Remote
+
+    if isinstance(fn, Remote):
+        source = fn._session.sources.get(fn._name or "")
+        if source is None or _calls(ast.parse(source), cls):
+            return
+        raise AssertionError(f"{name} does not use {cls}: {why}.")
     used = [getattr(fn, "__globals__", {}).get(n) for n in getattr(getattr(fn, "__code__", None), "co_names", ())]
     if any(type(obj).__name__ == cls for obj in used):
         return
@@ -98,10 +110,15 @@ def require_construct(fn, cls, name, why):
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == cls:
-            return
+    if _calls(tree, cls):
+        return
     raise AssertionError(f"{name} does not use {cls}: {why}.")
+
+
+def _calls(tree, cls):
+    """Whether an AST calls a name or attribute ``cls``."""
+    return any(isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == cls
+               for node in ast.walk(tree))
 
 
 def _call(fn, args, name, label):

@@ -44,17 +44,19 @@ class Course:
     def path(self, *parts):
         return self.root.joinpath(*parts)
 
-    def nbgrader(self, *args, timeout=None):
+    def nbgrader(self, *args, timeout=None, env=None):
         """Run ``nbgrader ARGS`` in the course directory.
 
         The command runs in its own process group, so that on ``timeout`` the
         whole group, kernels included, is killed (a hung kernel cannot be
         interrupted from inside).
 
+        ``env`` adds environment variables (the grading run's settings for the sandboxed steps).
+
         Returns:
             (returncode, output); returncode is None after a timeout.
         """
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         # nbgrader shells out to `alembic` when it creates a gradebook: use this environment's.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.setdefault("PYTHONWARNINGS", "ignore")

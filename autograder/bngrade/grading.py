@@ -1,22 +1,34 @@
 """Grade a class with nbgrader, one student at a time, and report what went wrong for whom.
 
-Each student's ``nbgrader autograde`` runs in its own process group under a
-hard wall-clock limit, so an infinite loop, a crashed or hung kernel, or a
-broken notebook costs that student only: it is reported by name and the rest
-of the class is graded.
+Before the class, each test cell's script is recorded from the instructor's solution
+(:mod:`bngrade.record`). Each student's ``nbgrader autograde`` then runs the notebook in its own
+sandbox (:mod:`bngrade.autograde`, :mod:`bngrade.sandbox`) and judges it outside, so an infinite loop,
+a crashed or hung kernel, a limit gone past or a broken notebook costs that student only: it is
+reported by name and the rest of the class is graded. Flags for the instructor's review go to
+``flags.csv`` next to ``grades.csv``.
 """
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
 from tqdm.auto import tqdm
 
+from . import sandbox
 from .device import GPU_ASSIGNMENTS, GPU_NOTEBOOK_WALL_SECONDS, require_device
 from .intake import STUDENT_ID, Problem, collect
 
-# Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook.
+# Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook in its sandbox.
 NOTEBOOK_WALL_SECONDS = 600
+# The judge may run a notebook's sandbox again (at most twice) when a check goes down a path not prepared.
+JUDGE_SECONDS = 120
 # Parallel jobs share the SQLite gradebook; a job that finds it locked retries.
 LOCK_RETRIES = 3
 
@@ -66,29 +78,91 @@ def write_feedback(course, assignment, students, report):
         report[student] += feedback_student(course, assignment, student)
 
 
-def autograde_student(course, assignment, student, cell_timeout=None, wall_seconds=None):
+def default_limits(assignment):
+    """The sandbox limits of an assignment: a GPU notebook's hung kernel cannot be interrupted, only killed,
+    so its wall clock is shorter."""
+    wall = GPU_NOTEBOOK_WALL_SECONDS if assignment in GPU_ASSIGNMENTS else NOTEBOOK_WALL_SECONDS
+    return sandbox.Limits(wall=wall)
+
+
+def run_env(course, assignment, limits, sandboxed=True):
+    """Environment of one grading run's nbgrader processes: where the scripts are, the limits, the GPU."""
+    env = {"BNGRADE_WORK": str(course.path(".bngrade", assignment)),
+           "BNGRADE_LIMITS": json.dumps(asdict(limits)),
+           "BNGRADE_GPU": "1" if assignment in GPU_ASSIGNMENTS else "0"}
+    if not sandboxed:
+        env["BNGRADE_NO_SANDBOX"] = "1"
+    return env
+
+
+def record_scripts(course, assignment):
+    """Record every test cell's script from the solution (outside any sandbox; the instructor's code)."""
+    work = course.path(".bngrade", assignment)
+    shutil.rmtree(work, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "bngrade.record", assignment, str(work / "scripts")],
+                          capture_output=True, text=True, cwd=course.root,
+                          env=dict(os.environ, BNREF_PROGRESS="0", PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise Problem(f"could not prepare the hidden tests of {assignment} from the solution:\n"
+                      f"{(proc.stderr or proc.stdout)[-3000:]}")
+    return work
+
+
+def read_report(course, assignment, student):
+    """(problems, flags) that the judge wrote for one student; nothing if it did not get that far."""
+    path = course.path(".bngrade", assignment, "reports", f"{student}.json")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [], []
+    return list(report.get("problems", [])), [tuple(f) for f in report.get("flags", [])]
+
+
+def autograde_student(course, assignment, student, cell_timeout=None, limits=None, env=None):
     """Autograde one submission; returns a list of problems (empty when all went well).
 
-    ``cell_timeout`` (seconds) overrides the configured per-cell limit. ``wall_seconds`` caps
-    the whole notebook (default: NOTEBOOK_WALL_SECONDS, or GPU_NOTEBOOK_WALL_SECONDS for a
-    GPU assignment, whose hung kernel cannot be interrupted, only killed).
+    ``cell_timeout`` (seconds) overrides the configured per-cell limit; ``limits`` are the sandbox's
+    (default: :func:`default_limits`). nbgrader itself gets a wall clock above the sandbox's, so that the
+    sandbox's limit is the one that names the problem.
     """
-    if wall_seconds is None:
-        wall_seconds = GPU_NOTEBOOK_WALL_SECONDS if assignment in GPU_ASSIGNMENTS else NOTEBOOK_WALL_SECONDS
+    limits = limits or default_limits(assignment)
+    env = env or run_env(course, assignment, limits)
+    wall_seconds = limits.wall * 3 + JUDGE_SECONDS
     extra = [f"--Execute.timeout={cell_timeout}"] if cell_timeout else []
+    report = course.path(".bngrade", assignment, "reports", f"{student}.json")
+    report.unlink(missing_ok=True)
     for attempt in range(LOCK_RETRIES + 1):
         code, log = course.nbgrader("autograde", assignment, "--student", student, "--force", *extra,
-                                    timeout=wall_seconds)
+                                    timeout=wall_seconds, env=env)
         if code == 0 or "database is locked" not in (log or ""):
             break
         time.sleep(1 + attempt)  # another job held the SQLite gradebook: try again
     if code is None:
-        return [f"killed after {wall_seconds} s of wall-clock time (hung kernel or endless output)"]
+        return [f"killed at the grader's wall-clock limit ({wall_seconds} s)"]
     graded = course.path("autograded", student, assignment, f"{assignment}.ipynb")
     problems = _cell_errors(graded) if graded.exists() else []
+    judged, _ = read_report(course, assignment, student)
+    problems += [p for p in judged if p not in problems]
     if code != 0:
         problems.append(f"nbgrader autograde failed: {_summarize_failure(log)}")
     return problems
+
+
+def write_flags(course, assignment, students):
+    """``flags.csv`` next to grades.csv: one row per flag (student, assignment, cell, what); returns its path."""
+    path = course.path("flags.csv")
+    rows = []
+    if path.exists():
+        with path.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("assignment") != assignment]
+    for student in sorted(students):
+        for cell, what in read_report(course, assignment, student)[1]:
+            rows.append({"student_id": student, "assignment": assignment, "cell": cell, "flag": what})
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["student_id", "assignment", "cell", "flag"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def ensure_students(course, students):
@@ -100,7 +174,8 @@ def ensure_students(course, students):
             gb.update_or_create_student(student)
 
 
-def grade_class(course, assignment, submissions, progress=True, cell_timeout=None, jobs=1):
+def grade_class(course, assignment, submissions, progress=True, cell_timeout=None, jobs=1, limits=None,
+                sandboxed=True):
     """Collect, autograde, export and generate feedback for a whole class.
 
     Args:
@@ -108,25 +183,38 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
         assignment: assignment id.
         submissions: folder of per-student folders, or an LMS zip.
         cell_timeout: seconds per cell, instead of the configured Execute.timeout.
-        jobs: students graded at the same time, each in its own nbgrader process.
+        jobs: students graded at the same time, each in its own nbgrader process and sandbox.
+        limits: :class:`bngrade.sandbox.Limits` (default: :func:`default_limits`).
+        sandboxed: False only for ``--no-sandbox``: every row is then marked as graded without one.
 
     Returns:
         {student: [problems]} for every student found, and the path of grades.csv.
 
     Raises:
-        Problem: before anything is collected, for a GPU assignment on a machine without a GPU.
+        Problem: before anything is collected, for a GPU assignment on a machine without a GPU, or when no
+        sandbox can be made here and ``sandboxed`` is True.
     """
     require_device(assignment)
+    if sandboxed:
+        why = sandbox.available()
+        if why:
+            raise Problem(f"cannot grade in a sandbox on this machine: {why}. Student code would run with your "
+                          "rights; grade on Linux with user namespaces, or pass --no-sandbox to accept that risk")
+    limits = limits or default_limits(assignment)
     students, intake_problems = collect(submissions, assignment, course)
+    record_scripts(course, assignment)
     report = {who: [msg] for who, msg in intake_problems.items()}
+    env = run_env(course, assignment, limits, sandboxed)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = {pool.submit(autograde_student, course, assignment, s, cell_timeout): s for s in students}
+        futures = {pool.submit(autograde_student, course, assignment, s, cell_timeout, limits, env): s
+                   for s in students}
         done = as_completed(futures)
         for future in tqdm(done, total=len(futures), desc=f"grading {assignment}", unit="student",
                            disable=not progress):
             report[futures[future]] = future.result()
     write_feedback(course, assignment, students, report)
     ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
+    write_flags(course, assignment, students)
     return report, export_grades(course)
 
 

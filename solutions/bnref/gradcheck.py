@@ -37,9 +37,9 @@ def eval_numerical_gradient(f, x, df, h=1e-5):
     coords, grad_flat = point.reshape(-1), grad.reshape(-1)
     for i, centre in enumerate(coords.copy()):
         coords[i] = centre + h
-        up = np.asarray(f(point), dtype=np.float64)
+        up = np.array(f(point), dtype=np.float64)  # a copy: f may return point itself or a view of it
         coords[i] = centre - h
-        down = np.asarray(f(point), dtype=np.float64)
+        down = np.array(f(point), dtype=np.float64)
         coords[i] = centre
         grad_flat[i] = np.sum((up - down) * df) / (2.0 * h)
     return grad

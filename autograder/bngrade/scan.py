@@ -1,0 +1,113 @@
+"""Static scan of a submission's answer cells, on the trusted side, before anything runs.
+
+* A framework op that implements the exercise itself (``torch.nn.functional.batch_norm``, ``BatchNorm1d``,
+  ``dropout`` ..., listed per assignment in :data:`FORBIDDEN`) bans every function that uses it, directly
+  or through another answer-cell function: the tests of a banned function score 0, with a message.
+* The reference package, IPython internals, ``sys.modules``, builtins tricks, and file, process or network
+  access are *flagged* for the instructor (they cannot gain points in the sandbox, but deserve a look).
+"""
+import ast
+import re
+
+TORCH_NORMS = {"batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "instance_norm",
+               "layer_norm", "group_norm", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d"}
+#: assignment -> names of framework ops that do the exercise's work
+FORBIDDEN = {
+    "ch01_why_normalize": {"StandardScaler", "scale", "cond"},
+    "ch02_batchnorm_forward": TORCH_NORMS,
+    "ch03_batchnorm_backward": TORCH_NORMS | {"backward", "grad", "autograd", "gradcheck"},
+    "ch04_training_with_bn": set(),
+    "ch05_cupy_kernels": TORCH_NORMS,
+    "ch06_batchnorm_cnn": TORCH_NORMS,
+    "ch07_dropout": {"dropout", "Dropout", "dropout2d", "Dropout2d", "alpha_dropout", "feature_alpha_dropout"},
+}
+FRAMEWORKS = {"torch", "tf", "tensorflow", "keras", "jax", "sklearn", "F", "nn", "cp", "cupy", "np", "numpy",
+              "linalg", "functional"}
+REVIEW = [
+    (re.compile(r"\bbnref\b|\bbngrade\b|\bbncapture\b"), "uses the course's reference or grading packages"),
+    (re.compile(r"get_ipython|\bIPython\b|ipykernel|InteractiveShell|input_transformers|\bevents\.register"),
+     "uses IPython internals"),
+    (re.compile(r"sys\.modules|__builtins__|\bbuiltins\b|__import__|importlib|sys\.settrace|sys\.setprofile"
+                r"|\bctypes\b|__globals__|__code__|\bgc\.get_objects"), "touches sys.modules, builtins or interpreter internals"),
+    (re.compile(r"\bopen\s*\(|\bos\.(?!path\b|environ\b)\w+|\bshutil\b|\bpathlib\b|\bPath\s*\(|\bsubprocess\b|"
+                r"\bsocket\b|\burllib\b|\brequests\b|\bglob\b"), "accesses files, processes or the network"),
+]
+
+
+def _defined(tree):
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def _framework_ops(tree, forbidden):
+    """Forbidden ops used in ``tree``: attributes of a framework module (``F.batch_norm``) or imported names."""
+    found = set()
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("torch", "tensorflow", "keras",
+                                                                                        "jax", "sklearn", "cupy"):
+            imported |= {a.asname or a.name for a in node.names if a.name in forbidden}
+            found |= {a.name for a in node.names if a.name in forbidden}
+        elif isinstance(node, ast.Attribute) and node.attr in forbidden:
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and (base.id in FRAMEWORKS or base.id in imported):
+                found.add(node.attr)
+        elif isinstance(node, ast.Name) and node.id in imported:
+            found.add(node.id)
+    return found
+
+
+def _uses(tree):
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def scan(assignment, cells):
+    """Scan answer cells.
+
+    Args:
+        cells: {grade_id: source} of the submission's answer (solution) cells.
+
+    Returns:
+        (banned, flags): {function name: message} of functions that use a forbidden framework op, and a list
+        of (grade_id, what) for the instructor to review.
+    """
+    forbidden = FORBIDDEN.get(assignment, set())
+    banned, flags, trees = {}, [], {}
+    for cell, source in cells.items():
+        text = re.sub(r"(?m)^\s*[!%].*$", "", source)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        trees[cell] = tree
+        ops = _framework_ops(tree, forbidden)
+        if ops:
+            for name in _defined(tree) or {cell}:
+                banned[name] = (f"{name} uses {', '.join(sorted(ops))}, a framework op that implements the "
+                                "exercise itself; the exercises are written from scratch, so its tests score 0")
+            flags.append((cell, f"framework op {', '.join(sorted(ops))}"))
+        for pattern, what in REVIEW:
+            if pattern.search(text):
+                flags.append((cell, what))
+    changed = True
+    while changed:  # a function that calls a banned one is banned too
+        changed = False
+        for cell, tree in trees.items():
+            for name in _defined(tree):
+                via = sorted((_uses(tree) & set(banned)) - {name})
+                if name not in banned and via:
+                    banned[name] = f"{name} calls {via[0]}: " + banned[via[0]].split(": ", 1)[-1]
+                    changed = True
+    return banned, flags
+
+
+def defined_sources(cells):
+    """{name: source of the answer cell that defines it (a def or class)} for ``cells`` {grade_id: source}."""
+    found = {}
+    for source in cells.values():
+        try:
+            found.update({name: source for name in _defined(ast.parse(source))})
+        except SyntaxError:
+            continue
+    return found
