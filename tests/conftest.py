@@ -8,7 +8,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bngrade import device  # noqa: E402
 from bngrade.course import REPO, Course, assignments  # noqa: E402
+from bngrade.sandbox import Limits  # noqa: E402
 from bngrade.grading import grade_class  # noqa: E402
 from class_roster import ROSTER, write_class  # noqa: E402
 from emulated_gpu import gpu_for  # noqa: E402
@@ -32,8 +34,12 @@ class GradedClasses(dict):
 
     def __missing__(self, assignment):
         folder = write_class(self.course, assignment, self.tmp.mktemp(f"subs_{assignment}"))
+        emulated = assignment in device.GPU_ASSIGNMENTS and not device.gpu_available()
+        # The emulator runs kernels ~1000x slower than a GPU: limits meant for a GPU would depend on the load.
+        limits = Limits(wall=1800) if emulated else None
         with gpu_for(assignment):   # without a GPU, the GPU assignment runs on the CPU emulator
-            self[assignment] = grade_class(self.course, assignment, folder, progress=False, cell_timeout=15, jobs=2)
+            self[assignment] = grade_class(self.course, assignment, folder, progress=False,
+                                           cell_timeout=300 if emulated else 15, jobs=2, limits=limits)
         return self[assignment]
 
 

@@ -1,5 +1,7 @@
 """Grading the GPU assignment without a GPU: its notebooks' ``import cupy`` gets the CPU emulator instead."""
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +28,22 @@ def gpu_for(assignment):
     if assignment not in device.GPU_ASSIGNMENTS or device.gpu_available():
         yield
         return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(SHIM), os.environ.get("PYTHONPATH")))))
+    with tempfile.TemporaryDirectory(prefix="emulated-cupy-") as tmp, pytest.MonkeyPatch.context() as patch:
+        shim = _shim(Path(tmp))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(shim), os.environ.get("PYTHONPATH")))))
+        patch.setenv("BNGRADE_SANDBOX_PYTHONPATH", str(shim))   # the sandbox sees this folder, read-only
         patch.setattr(device, "gpu_available", lambda: True)
         yield
+
+
+def _shim(folder):
+    """``folder`` with the emulated ``cupy`` and, of bnref, only the emulator (no reference solution)."""
+    shutil.copytree(SHIM / "cupy", folder / "cupy", ignore=shutil.ignore_patterns("__pycache__"))
+    package = folder / "bnref" / "cuda"
+    package.mkdir(parents=True)
+    (folder / "bnref" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    for name in ("emulator.py", "emulator.hpp"):
+        shutil.copyfile(Path(emulator.__file__).with_name(name), package / name)
+    os.chmod(folder, 0o755)
+    return folder

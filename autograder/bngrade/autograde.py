@@ -296,9 +296,13 @@ class Judge(NbGraderPreprocessor):
             return None, err
         except NoResult as err:
             return f"no results came back from your notebook for this test: {err}", None
-        except (Unjudgeable, codec.Malformed, KeyError, IndexError, TypeError, ValueError) as err:
+        except (Unjudgeable, codec.Malformed) as err:
             flags.append((cell_id, f"could not be judged: {type(err).__name__}: {str(err)[:200]}"))
             return f"the grader could not judge this test from your notebook's results ({type(err).__name__})", None
+        except NotImplementedError:
+            return f"{', '.join(student_names(code))}: not implemented yet", None
+        except Exception as err:  # the student's own error, passed on by a check
+            return f"{type(err).__name__}: {str(err)[:2000]}", None
         return None, None
 
 

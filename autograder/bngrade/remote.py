@@ -136,7 +136,7 @@ class Session:
 
     Args:
         record: the instructor's solution namespace, to record a script; or None to replay.
-        script: (ops, arrays) to replay.
+        script: ({"ops": [...]}, arrays) to replay.
         outcomes: (outcome trees, arrays) that the sandbox saved, or None with ``missing`` saying why.
     """
 
@@ -148,7 +148,8 @@ class Session:
             self.runner = Runner(record, {})
         else:
             self.runner = None
-            self.script_ops, self.script_arrays = script
+            tree, self.script_arrays = script
+            self.script_ops = tree["ops"]
             self.outcomes, self.out_arrays = outcomes if outcomes is not None else ([], {})
         self.missing = missing
         self.sources = {}   # {global name: source of the answer cell that defines it}, for static checks
@@ -293,7 +294,10 @@ class StudentNames(dict):
     def __missing__(self, name):
         if hasattr(builtins, name):
             raise KeyError(name)
-        value = self.session.global_(name)
+        try:
+            value = self.session.global_(name)
+        except (KeyError, NameError):
+            raise AssertionError(f"{name} is not defined in your notebook: keep the names the exercise gives") from None
         self[name] = value
         return value
 

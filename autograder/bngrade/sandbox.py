@@ -3,8 +3,8 @@
 Inside the sandbox:
 
 * the system (``/usr``, ``/etc``), the Python installation and the virtual environment, read-only;
-* ``/input`` (read-only): that student's notebook, the cells' scripts (data) and the capture helper;
-* ``/work`` (the notebook's folder, also HOME) and ``/tmp``: private size-capped tmpfs, gone afterwards;
+* ``/grader-input`` (read-only): that student's notebook, the cells' scripts (data) and the capture helper;
+* ``/student`` (the notebook's folder, also HOME) and ``/tmp``: private size-capped tmpfs, gone afterwards;
 * its own network namespace (no network at all), PID namespace (killed whole at the end), IPC and UTS.
 
 Not there: the course directory (``source/``, ``gradebook.db``, other students), ``solutions/``,
@@ -30,6 +30,8 @@ from pathlib import Path
 GiB = 1 << 30
 MiB = 1 << 20
 CGROUP = Path("/sys/fs/cgroup")
+WORK = "/student"          # the notebook's folder and HOME inside the sandbox (a tmpfs)
+INPUT = "/grader-input"    # what the grader put in, read-only
 
 
 class NoSandbox(RuntimeError):
@@ -199,19 +201,19 @@ def command(input_dir, limits, gpu=False, extra_ro=(), env=None):
         args += ["--ro-bind", root, root]
     args += ["--proc", "/proc", "--dev", "/dev",
              "--size", str(limits.tmp), "--tmpfs", "/tmp",
-             "--size", str(limits.disk), "--tmpfs", "/work",
-             "--ro-bind", str(input_dir), "/input", "--chdir", "/work"]
+             "--size", str(limits.disk), "--tmpfs", WORK,
+             "--ro-bind", str(input_dir), INPUT, "--chdir", WORK]
     if gpu:
         for node in _gpu_devices():
             args += ["--dev-bind", node, node]
-    variables = {"HOME": "/work", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": "/tmp",
-                 "LANG": "C.UTF-8", "PYTHONPATH": os.pathsep.join(["/input/lib", *extra_ro]),
+    variables = {"HOME": WORK, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": "/tmp",
+                 "LANG": "C.UTF-8", "PYTHONPATH": os.pathsep.join([f"{INPUT}/lib", *extra_ro]),
                  "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg", "JUPYTER_PLATFORM_DIRS": "1",
                  **(env or {})}
     args += ["--clearenv"]
     for key, value in variables.items():
         args += ["--setenv", key, value]
-    return args + [sys.executable, "-m", "bncapture.notebook", "/input", "/work"]
+    return args + [sys.executable, "-m", "bncapture.notebook", INPUT, WORK]
 
 
 def run(input_dir, limits=None, gpu=False, extra_ro=(), env=None):
