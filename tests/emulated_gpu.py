@@ -43,7 +43,7 @@ def _shim(folder):
     package.mkdir(parents=True)
     (folder / "bnref" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    for name in ("emulator.py", "emulator.hpp"):
+    for name in ("emulator.py", "emulator.hpp", "emulated_kernels.py"):
         shutil.copyfile(Path(emulator.__file__).with_name(name), package / name)
     os.chmod(folder, 0o755)
     return folder

@@ -24,3 +24,25 @@ def test_tracked_notebooks_have_no_outputs_or_execution_counts():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [] and cell.execution_count is None, name
+
+
+def test_every_test_cell_is_judged_outside_the_sandbox():
+    """A test cell without a hidden block would be scored from the sandbox's own outputs alone: none may exist.
+    And the static scan passes every solution: no framework op banned, nothing flagged but what the solution does."""
+    import jupytext
+
+    from bngrade.hidden import hidden_code, is_test_cell, student_names
+    from bngrade.scan import scan
+
+    for assignment in assignments():
+        nb = jupytext.read(SOURCES / f"{assignment}.md")
+        tests = [c for c in nb.cells if is_test_cell(c)]
+        assert tests, assignment
+        for cell in tests:
+            code = hidden_code(cell)
+            assert code and student_names(code), f"{assignment}: {cell.metadata['nbgrader']['grade_id']} has no " \
+                                                 "hidden block that judges a student's name"
+        answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in nb.cells
+                   if c.metadata.get("nbgrader", {}).get("solution")}
+        banned, _ = scan(assignment, answers)
+        assert banned == {}, f"{assignment}: the solution itself is banned: {banned}"

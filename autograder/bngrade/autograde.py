@@ -170,15 +170,20 @@ class SandboxedExecute(Execute):
             return execute(trusted, name, cell_scripts, settings, **options)
 
         executed, status, outcomes, exceeded = run(scripts)
-        _merge_outputs(nb, executed)
-        resources["bngrade"] = {"scripts": scripts, "status": status, "outcomes": outcomes, "run": run,
+        ran = _merge_outputs(nb, executed)
+        resources["bngrade"] = {"scripts": scripts, "status": status, "outcomes": outcomes, "run": run, "ran": ran,
                                 "sandboxed": options["use_sandbox"], "work": work}
         return nb, resources
 
 
 def _merge_outputs(nb, executed):
-    """Copy the executed cells' outputs (cleaned) into the trusted notebook, cell by cell."""
+    """Copy the executed cells' outputs (cleaned) into the trusted notebook, cell by cell.
+
+    Returns:
+        the grade ids of the test cells that the sandbox says it ran.
+    """
     same = executed is not None and len(executed.cells) == len(nb.cells)
+    ran = set()
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
@@ -186,7 +191,10 @@ def _merge_outputs(nb, executed):
             else []
         keep_rich = not is_test_cell(cell)
         cell.outputs = [o for o in (_clean_output(out, keep_rich) for out in outputs[:200]) if o is not None]
+        if same and executed.cells[index].get("execution_count") is not None:
+            ran.add(grade_id(cell))
         cell.execution_count = None
+    return ran
 
 
 def _missing_reason(cell, status):
@@ -217,13 +225,16 @@ class Judge(NbGraderPreprocessor):
         status = info["status"]
         if status.get("ended") != "ok":
             problems.append(_status_problem(status))
+        problems += [p for p in _limit_problems(nb, limits_from_env()) if p not in " ".join(problems)]
         pending = {}
         for cell in nb.cells:
-            code = hidden_code(cell) if is_test_cell(cell) else ""
-            if not code:
+            if not is_test_cell(cell):
                 continue
-            cell_id = grade_id(cell)
-            visible_ok = not any(o.output_type == "error" for o in cell.outputs)
+            code, cell_id = hidden_code(cell), grade_id(cell)
+            if not code:  # nothing to judge it by but the sandbox's own word: not trusted
+                self._record(cell, "this test has no hidden check to judge it by; ask your instructor", False, flags)
+                continue
+            visible_ok = cell_id in info["ran"] and not any(o.output_type == "error" for o in cell.outputs)
             verdict, diverged = self._verdict(cell, code, cell_id, info, banned, flags)
             if diverged is not None:
                 pending[cell_id] = (cell, code, visible_ok, diverged)
@@ -304,6 +315,24 @@ class Judge(NbGraderPreprocessor):
         except Exception as err:  # the student's own error, passed on by a check
             return f"{type(err).__name__}: {str(err)[:2000]}", None
         return None, None
+
+
+def _limit_problems(nb, limits):
+    """Limits that the notebook's own errors show it ran into, in words."""
+    found = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type != "error":
+                continue
+            text = f"{output.ename}: {output.evalue}"
+            if output.ename == "MemoryError" or "Cannot allocate memory" in text:
+                found.append(f"used more than {limits.memory / sandbox.GiB:g} GB of memory")
+            elif "No space left on device" in text:
+                found.append(f"wrote more than its disk limit ({limits.disk / sandbox.MiB:g} MB in its folder, "
+                             f"{limits.tmp / sandbox.MiB:g} MB in /tmp)")
+            elif "Resource temporarily unavailable" in text and "fork" in text.lower():
+                found.append(f"started more than {limits.processes} processes")
+    return list(dict.fromkeys(found))
 
 
 def _status_problem(status):

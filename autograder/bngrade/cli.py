@@ -7,12 +7,18 @@
 
 GPU assignments (ch05_cupy_kernels) are graded only on a machine with a CUDA GPU;
 elsewhere `grade` refuses them with exit code 2 before collecting anything.
+
+Every submission runs in its own bubblewrap sandbox (no network, no view of the course, the
+solutions or your HOME, limited memory, processes, disk, output and time) and is judged outside
+it. Where no sandbox can be made, `grade` refuses unless --no-sandbox is given.
 """
 import argparse
+import dataclasses
 import sys
+import warnings
 
 from .course import DEFAULT_COURSE, Course, assignments
-from .grading import export_grades, format_report, grade_class
+from .grading import default_limits, export_grades, format_report, grade_class
 from .intake import Problem
 
 
@@ -30,6 +36,16 @@ def main(argv=None):
     grade.add_argument("--quiet", action="store_true", help="no progress bar")
     grade.add_argument("-j", "--jobs", type=int, default=1, help="students graded in parallel (default: 1)")
     grade.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: nbgrader config)")
+    limits = grade.add_argument_group("sandbox limits, per submission")
+    limits.add_argument("--memory-gb", type=float, default=None, help="memory (default: 4)")
+    limits.add_argument("--processes", type=int, default=None, help="processes and threads at once (default: 256)")
+    limits.add_argument("--disk-mb", type=int, default=None, help="disk written in the notebook's folder (default: 1024)")
+    limits.add_argument("--output-mb", type=int, default=None, help="results sent back (default: 256)")
+    limits.add_argument("--wall-seconds", type=int, default=None,
+                        help="whole notebook (default: 600, or 300 for a GPU assignment)")
+    grade.add_argument("--no-sandbox", action="store_true",
+                       help="grade without a sandbox where none can be made (student code runs with your rights; "
+                            "every row is reported as not sandboxed)")
     exp = sub.add_parser("export", help="write grades.csv from the gradebook")
     exp.add_argument("--to", default=None, help="CSV path (default: COURSE/grades.csv)")
     fb = sub.add_parser("feedback", help="generate feedback HTML (hidden tests removed)")
@@ -42,14 +58,22 @@ def main(argv=None):
             released = course.release(assignment, publish=not args.no_publish)
             print(f"released {assignment}: {released}")
     elif args.command == "grade":
+        chosen = {"memory": args.memory_gb and int(args.memory_gb * (1 << 30)), "processes": args.processes,
+                  "disk": args.disk_mb and args.disk_mb << 20, "output": args.output_mb and args.output_mb << 20,
+                  "wall": args.wall_seconds}
+        limits = dataclasses.replace(default_limits(args.assignment), **{k: v for k, v in chosen.items() if v})
+        if args.no_sandbox:
+            warnings.warn("--no-sandbox: student code runs with your rights, with no limit but the wall clock")
         try:
             report, grades = grade_class(course, args.assignment, args.submissions,
-                                         progress=not args.quiet, cell_timeout=args.cell_timeout, jobs=args.jobs)
+                                         progress=not args.quiet, cell_timeout=args.cell_timeout, jobs=args.jobs,
+                                         limits=limits, sandboxed=not args.no_sandbox)
         except Problem as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(format_report(report))
         print(f"grades: {grades}")
+        print(f"flags for review: {course.path('flags.csv')}")
         print(f"feedback: {course.path('feedback')}")
         return 1 if any(report.values()) else 0
     elif args.command == "export":

@@ -46,12 +46,19 @@ def _pick_notebook(candidates, assignment):
     return chosen[0]
 
 
-def _check_readable(path):
-    """Raise Problem unless ``path`` is a valid Jupyter notebook."""
+def _check_readable(path, cell_ids=None):
+    """Raise Problem unless ``path`` is a valid nbformat-4 notebook holding some of the assignment's cells."""
     try:
-        nbformat.validate(nbformat.read(path, as_version=4))
+        major = nbformat.reads(path.read_text(encoding="utf-8"), as_version=nbformat.NO_CONVERT).get("nbformat")
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
     except Exception as exc:  # JSON errors, schema errors, bad encodings
         raise Problem(f"{path.name} is not a readable notebook ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if major != 4:
+        raise Problem(f"{path.name} is nbformat {major}: convert it (jupyter nbconvert --to notebook) or resubmit")
+    found = {c.metadata.get("nbgrader", {}).get("grade_id") for c in nb.cells}
+    if cell_ids and not found & set(cell_ids):
+        raise Problem(f"{path.name} holds none of the assignment's cells (an empty or different notebook)")
 
 
 def _groups_from_folder(folder):
@@ -102,6 +109,9 @@ def collect(source, assignment, course):
     """
     source = Path(source)
     problems = {}
+    released = course.path("release", assignment, f"{assignment}.ipynb")
+    cell_ids = ({c.metadata.get("nbgrader", {}).get("grade_id") for c in nbformat.read(released, as_version=4).cells}
+                - {None}) if released.exists() else None
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_dir():
             groups = _groups_from_folder(source)
@@ -114,7 +124,7 @@ def collect(source, assignment, course):
             try:
                 sid = _student_id(raw)
                 notebook = _pick_notebook(paths, assignment)
-                _check_readable(notebook)
+                _check_readable(notebook, cell_ids)
             except Problem as exc:
                 problems[raw] = str(exc)
                 continue

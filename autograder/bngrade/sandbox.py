@@ -147,18 +147,20 @@ class Cgroup:
             (path / "cgroup.procs").write_text(str(os.getpid()))
 
     def exceeded(self, limits):
+        """The limits that the cgroup's counters show were hit, in words."""
+        memory = f"used more than {limits.memory / GiB:g} GB of memory"
+        processes = f"started more than {limits.processes} processes"
+        counters = {"memory.failcnt": (None, memory), "memory.oom_control": ("oom_kill", memory),
+                    "memory.events": ("oom_kill", memory), "pids.events": ("max", processes)}
         found = []
         for path in self.paths:
-            for key, words in (("memory.failcnt", f"used more than {limits.memory / GiB:g} GB of memory"),
-                               ("memory.events", f"used more than {limits.memory / GiB:g} GB of memory"),
-                               ("pids.events", f"started more than {limits.processes} processes")):
+            for name, (key, words) in counters.items():
                 try:
-                    text = (path / key).read_text()
+                    lines = [line.split() for line in (path / name).read_text().splitlines()]
                 except OSError:
                     continue
-                counts = [int(w) for w in text.split() if w.isdigit()]
-                if key == "memory.events":
-                    counts = [int(line.split()[1]) for line in text.splitlines() if line.split()[0] in ("max", "oom_kill")]
+                counts = [int(words_[-1]) for words_ in lines if words_ and words_[-1].isdigit()
+                          and (key is None or words_[0] == key)]
                 if any(counts) and words not in found:
                     found.append(words)
         return found

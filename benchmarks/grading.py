@@ -1,0 +1,100 @@
+"""Grading benchmark: what the sandbox costs per notebook, and how much ``-j 2`` gains on this machine.
+
+Prints two tables measured in this run:
+
+* the same solved notebook executed by the same runner in a bubblewrap sandbox and in a plain subprocess
+  (alternating, median of ``--repeats``): the sandbox's overhead per notebook (goal: <= 0.5 s);
+* a class of ``--students`` solved notebooks graded end to end (record, sandboxed autograde, judge,
+  feedback, export) with ``-j 1`` and ``-j 2``: seconds, seconds per notebook, and the speed-up (goal: >= 1.8x).
+
+    python benchmarks/grading.py [--assignment ch02_batchnorm_forward] [--students 8] [--repeats 3]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bngrade import autograde, grading, sandbox  # noqa: E402
+from bngrade.course import Course  # noqa: E402
+from submissions import make_submission  # noqa: E402
+
+
+def overhead(course, assignment, repeats):
+    """Median seconds of one notebook run in the sandbox and unsandboxed (same runner, same scripts)."""
+    released = course.path("release", assignment, f"{assignment}.ipynb")
+    with tempfile.TemporaryDirectory() as tmp:
+        solved = nbformat.read(make_submission(released, assignment, Path(tmp) / "nb.ipynb"), as_version=4)
+        source = nbformat.read(course.path("source", assignment, f"{assignment}.ipynb"), as_version=4)
+        tests = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
+                 if c.metadata.get("nbgrader", {}).get("grade")}
+        for cell in solved.cells:   # as nbgrader's OverwriteCells leaves it
+            cell.source = tests.get(cell.metadata.get("nbgrader", {}).get("grade_id"), cell.source)
+        work = grading.record_scripts(course, assignment)
+        scripts = autograde._load_scripts(work / "scripts")
+        settings = {"timeout": 120, "interrupt_on_timeout": True}
+        times = {True: [], False: []}
+        for _ in range(repeats):
+            for boxed in (True, False):
+                start = time.perf_counter()
+                _, status, outcomes, _ = autograde.execute(solved, "nb.ipynb", scripts, settings, sandbox.Limits(),
+                                                           use_sandbox=boxed)
+                times[boxed].append(time.perf_counter() - start)
+                assert status["ended"] == "ok" and len(outcomes) == len(scripts), status
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
+def class_time(assignment, students, jobs):
+    """Seconds to grade ``students`` solved notebooks with ``jobs`` parallel jobs, in a fresh course."""
+    with tempfile.TemporaryDirectory() as tmp:
+        course = Course(Path(tmp) / "course")
+        released = course.release(assignment, publish=False)
+        folder = Path(tmp) / "class"
+        for i in range(students):
+            make_submission(released, assignment, folder / f"s{i}" / f"{assignment}.ipynb")
+        start = time.perf_counter()
+        report, _ = grading.grade_class(course, assignment, folder, progress=False, jobs=jobs)
+        seconds = time.perf_counter() - start
+        assert all(not problems for problems in report.values()), report
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assignment", default="ch02_batchnorm_forward")
+    parser.add_argument("--students", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("BNREF_PROGRESS", "0")
+    print(f"# {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, bwrap {sandbox.bwrap()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        course = Course(Path(tmp) / "course")
+        course.release(args.assignment, publish=False)
+        boxed, plain = overhead(course, args.assignment, args.repeats)
+    print(f"\n## One {args.assignment} notebook (median of {args.repeats})\n")
+    print("| run | seconds |\n|---|---|")
+    print(f"| in the sandbox | {boxed:.2f} |\n| plain subprocess | {plain:.2f} |\n"
+          f"| sandbox overhead | {boxed - plain:+.2f} |")
+    serial = class_time(args.assignment, args.students, 1)
+    parallel = class_time(args.assignment, args.students, 2)
+    print(f"\n## A class of {args.students} ({args.assignment}), end to end\n")
+    print("| jobs | seconds | s / notebook | speed-up |\n|---|---|---|---|")
+    print(f"| 1 | {serial:.1f} | {serial / args.students:.2f} | 1.00x |")
+    print(f"| 2 | {parallel:.1f} | {parallel / args.students:.2f} | {serial / parallel:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sandbox_s": boxed, "plain_s": plain, "j1_s": serial,
+                                               "j2_s": parallel, "students": args.students}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
