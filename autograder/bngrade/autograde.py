@@ -260,6 +260,7 @@ class Judge(NbGraderPreprocessor):
                          visible_ok, flags)
         if not info["sandboxed"]:
             problems.append("graded WITHOUT a sandbox (--no-sandbox): the student's code ran with the grader's rights")
+            flags.append(("*", "graded without a sandbox"))
         report = info["work"] / "reports" / f"{student}.json"
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps({"problems": problems, "flags": flags, "sandboxed": info["sandboxed"]}))

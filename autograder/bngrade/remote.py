@@ -91,6 +91,9 @@ class Remote:
     def __deepcopy__(self, memo):
         return self
 
+    def __bool__(self):  # an object of the student's is not a truth value the judge could take on trust
+        raise TypeError("the student's code returned an object where plain data was expected")
+
     def __repr__(self):
         return f"<student's {self._kind}>"
 
@@ -249,13 +252,17 @@ class Session:
             raise NoResult(self.missing)
         return self.outcomes[index], self.out_arrays
 
-    def op(self, op, arrays):
-        outcome, out_arrays = self._exchange(op, arrays)
+    def _value(self, outcome, out_arrays, index):
+        """The value of an outcome, or the student's exception raised again."""
         if not isinstance(outcome, dict):
             raise codec.Malformed("an outcome is not a mapping")
         if "error" in outcome:
             raise _exception(outcome["error"] if isinstance(outcome["error"], dict) else {})
-        return self.decode(outcome.get("value"), out_arrays, [len(self.asked) - 1])
+        return self.decode(outcome.get("value"), out_arrays, [index])
+
+    def op(self, op, arrays):
+        index = len(self.asked)
+        return self._value(*self._exchange(op, arrays), index)
 
     def call(self, remote, args, kwargs):
         index = len(self.asked)
@@ -271,11 +278,7 @@ class Session:
             for key, tree in (after.get("kwargs") or {}).items():
                 if key in kwargs:
                     self.apply_after(kwargs[key], tree, out_arrays)
-        if not isinstance(outcome, dict):
-            raise codec.Malformed("an outcome is not a mapping")
-        if "error" in outcome:
-            raise _exception(outcome["error"] if isinstance(outcome["error"], dict) else {})
-        return self.decode(outcome.get("value"), out_arrays, [index])
+        return self._value(outcome, out_arrays, index)
 
     def global_(self, name):
         value = self.op({"op": "global", "name": name}, {})

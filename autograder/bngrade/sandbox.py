@@ -7,7 +7,7 @@ Inside the sandbox:
 * ``/student`` (the notebook's folder, also HOME) and ``/tmp``: private size-capped tmpfs, gone afterwards;
 * its own network namespace (no network at all), PID namespace (killed whole at the end), IPC and UTS.
 
-Not there: the course directory (``source/``, ``gradebook.db``, other students), ``solutions/``,
+Not there: most of ``/etc`` (shadow, ssh keys: as root outside, the sandbox reads as root), the course directory (``source/``, ``gradebook.db``, other students), ``solutions/``,
 ``autograder/``, the repository and the grader's HOME. Nothing inside can write to the host's disk: the
 results leave through a pipe, as one size-capped zip, and are parsed as untrusted data.
 
@@ -30,6 +30,13 @@ from pathlib import Path
 GiB = 1 << 30
 MiB = 1 << 20
 CGROUP = Path("/sys/fs/cgroup")
+#: the parts of /etc that Python, its libraries and the kernel use; nothing secret
+ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group", "nsswitch.conf", "hosts", "host.conf",
+       "localtime", "timezone", "ssl", "ca-certificates", "fonts", "mime.types", "alternatives", "os-release",
+       "debian_version", "gai.conf", "xdg", "matplotlibrc")
+#: variables passed on from the grader's environment (quiet notebooks, BLAS settings, the GPU to use)
+PASS_ENV = ("PYTHONWARNINGS", "BNREF_PROGRESS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+            "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_VISIBLE_DEVICES", "CXX")
 WORK = "/student"          # the notebook's folder and HOME inside the sandbox (a tmpfs)
 INPUT = "/grader-input"    # what the grader put in, read-only
 
@@ -192,7 +199,9 @@ def command(input_dir, limits, gpu=False, extra_ro=(), env=None):
     if exe is None:
         raise NoSandbox(available())
     args = [exe, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+            "--ro-bind", "/usr", "/usr"]
+    for name in ETC:  # not all of /etc: as root outside, the sandbox would read root's files (shadow, ssh keys)
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     for link in ("bin", "lib", "lib64", "sbin"):
         target = Path("/", link)
         if target.is_symlink():
@@ -211,7 +220,7 @@ def command(input_dir, limits, gpu=False, extra_ro=(), env=None):
     variables = {"HOME": WORK, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": "/tmp",
                  "LANG": "C.UTF-8", "PYTHONPATH": os.pathsep.join([f"{INPUT}/lib", *extra_ro]),
                  "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg", "JUPYTER_PLATFORM_DIRS": "1",
-                 **(env or {})}
+                 **{k: os.environ[k] for k in PASS_ENV if k in os.environ}, **(env or {})}
     args += ["--clearenv"]
     for key, value in variables.items():
         args += ["--setenv", key, value]
