@@ -22,16 +22,17 @@ def can_run(assignment):
 @contextmanager
 def gpu_for(assignment):
     """Run the block where ``assignment`` can be graded: as is for a CPU assignment or where there is a GPU;
-    otherwise with ``tests/emulated_cupy`` first on the notebooks' PYTHONPATH and the GPU check answered yes."""
+    otherwise with ``tests/emulated_cupy`` first on PYTHONPATH (the grader's own processes) and a copy of it with
+    bnref's emulator alone on the sandbox's, and the GPU check answered yes."""
     if not can_run(assignment):
         pytest.skip(NO_WAY)
     if assignment not in device.GPU_ASSIGNMENTS or device.gpu_available():
         yield
         return
     with tempfile.TemporaryDirectory(prefix="emulated-cupy-") as tmp, pytest.MonkeyPatch.context() as patch:
-        shim = _shim(Path(tmp))
-        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(shim), os.environ.get("PYTHONPATH")))))
-        patch.setenv("BNGRADE_SANDBOX_PYTHONPATH", str(shim))   # the sandbox sees this folder, read-only
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(SHIM), os.environ.get("PYTHONPATH")))))
+        # the sandbox sees only this folder of it, read-only: the stand-in cupy and, of bnref, the emulator alone
+        patch.setenv("BNGRADE_SANDBOX_PYTHONPATH", str(_shim(Path(tmp))))
         patch.setattr(device, "gpu_available", lambda: True)
         yield
 

@@ -31,7 +31,7 @@ def test_outcomes_that_are_not_plain_numeric_data_are_refused(blob, what):
         codec.loads('{"outcomes": []}', blob)
 
 
-@pytest.mark.parametrize("text", ['{"a": ' * 50 + "1" + "}" * 50, json.dumps({"x": "y" * (codec.MAX_STRING + 100)}),
+@pytest.mark.parametrize("text", ['{"a": ' * 80 + "1" + "}" * 80, json.dumps({"x": "y" * (codec.MAX_STRING + 100)}),
                                   "not json", json.dumps(list(range(codec.MAX_ITEMS + 1)))])
 def test_outcome_trees_over_the_limits_are_refused(text):
     with pytest.raises(codec.Malformed):

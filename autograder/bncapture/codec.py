@@ -25,7 +25,7 @@ import numpy as np
 
 #: dtype kinds an array may have: bool, signed/unsigned int, float, complex
 NUMERIC_KINDS = frozenset("biufc")
-MAX_DEPTH = 12
+MAX_DEPTH = 32
 MAX_ITEMS = 4096           # elements of one tuple/list/dict
 MAX_STRING = 20_000        # characters of one string
 MAX_ARRAY_BYTES = 1 << 28  # 256 MiB of arrays per file

@@ -71,16 +71,20 @@ def _clean_output(output, keep_rich):
     return None
 
 
-def _parse(blob):
-    """(executed notebook or None, status, {cell: (tree, arrays) or error text}) from the sandbox's zip."""
+def _parse(blob, limits):
+    """(executed notebook or None, status, {cell: (tree, arrays) or error text}) from the sandbox's zip.
+
+    The output limit applies to what the zip holds once unpacked: over it, nothing is used.
+    """
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
     except (zipfile.BadZipFile, ValueError):
         return None, {"ended": "error", "error": "the sandbox sent back no readable results"}, {}
     with zf:
         infos = {i.filename: i for i in zf.infolist()[:2100]}
-        if sum(i.file_size for i in infos.values()) > 4 * sandbox.GiB:
-            return None, {"ended": "error", "error": "the results are too large"}, {}
+        if sum(i.file_size for i in infos.values()) > limits.output:
+            return None, {"ended": "killed", "error": f"sent back more than {limits.output / sandbox.MiB:g} MB of "
+                                                      "output; nothing of it was used"}, {}
 
         def read(name, limit):
             info = infos.get(name)
@@ -92,7 +96,7 @@ def _parse(blob):
         except (ValueError, AttributeError):
             status = {"ended": "error", "error": "unreadable status"}
         try:
-            text = read("notebook.ipynb", sandbox.Limits().output)
+            text = read("notebook.ipynb", limits.output)
             executed = nbformat.reads(text.decode("utf-8"), as_version=4) if text else None
         except Exception:
             executed = None
@@ -138,7 +142,7 @@ def execute(nb, name, scripts, settings, limits, gpu=False, extra_ro=(), use_san
             outcome = sandbox.run(folder, limits, gpu=gpu, extra_ro=extra_ro)
         else:
             outcome = sandbox.run_unsandboxed(folder, limits, extra_ro=extra_ro)
-    executed, status, outcomes = _parse(outcome.results)
+    executed, status, outcomes = _parse(outcome.results, limits)
     if outcome.exceeded:
         status = {"ended": "killed", "error": "; ".join(outcome.exceeded)}
     return executed, status, outcomes, outcome.exceeded
