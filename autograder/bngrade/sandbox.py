@@ -208,12 +208,12 @@ def command(input_dir, limits, gpu=False, extra_ro=(), env=None):
             args += ["--symlink", os.readlink(target), str(target)]
         elif target.is_dir():
             args += ["--ro-bind", str(target), str(target)]
-    for root in [*_python_roots(), *extra_ro]:
-        args += ["--ro-bind", root, root]
     args += ["--proc", "/proc", "--dev", "/dev",
              "--size", str(limits.tmp), "--tmpfs", "/tmp",
-             "--size", str(limits.disk), "--tmpfs", WORK,
-             "--ro-bind", str(input_dir), INPUT, "--chdir", WORK]
+             "--size", str(limits.disk), "--tmpfs", WORK]
+    for root in [*_python_roots(), *extra_ro]:  # after the tmpfs mounts: a venv may live under /tmp
+        args += ["--ro-bind", root, root]
+    args += ["--ro-bind", str(input_dir), INPUT, "--chdir", WORK]
     if gpu:
         for node in _gpu_devices():
             args += ["--dev-bind", node, node]
