@@ -212,10 +212,13 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
         for future in tqdm(done, total=len(futures), desc=f"grading {assignment}", unit="student",
                            disable=not progress):
             report[futures[future]] = future.result()
-    write_feedback(course, assignment, students, report)
-    ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
-    write_flags(course, assignment, students)
-    return report, export_grades(course)
+        ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
+        write_flags(course, assignment, students)
+        # feedback and the CSV export only read the gradebook: with a second job, both at once
+        feedback = pool.submit(write_feedback, course, assignment, students, report)
+        grades = export_grades(course)
+        feedback.result()
+    return report, grades
 
 
 def export_grades(course, to=None):
