@@ -103,3 +103,18 @@ def test_grading_is_refused_where_no_sandbox_can_be_made(tmp_path, monkeypatch):
     monkeypatch.setattr(grading, "collect", lambda *a, **k: pytest.fail("submissions were collected"))
     with pytest.raises(Problem, match="cannot grade in a sandbox.*--no-sandbox"):
         grading.grade_class(object(), "ch02_batchnorm_forward", tmp_path, progress=False)
+
+
+def test_the_static_scan_bans_framework_ops_and_their_callers_and_flags_tricks():
+    from bngrade.scan import scan
+
+    cells = {"batchnorm_forward": "import torch.nn.functional as F\ndef batchnorm_forward(x, g, b, eps=1e-5):\n"
+                                  "    return F.batch_norm(x, None, None, g, b, True, 0.1, eps), None",
+             "batchnorm1d": "class BatchNorm1d:\n    def forward(self, x):\n        return batchnorm_forward(x, 1, 0)",
+             "inference": "def batchnorm_inference(x, g, b, m, v, eps=1e-5):\n    return getattr(x, 'copy')()"}
+    banned, flags = scan("ch02_batchnorm_forward", cells)
+    assert set(banned) == {"batchnorm_forward", "BatchNorm1d"}
+    assert "batch_norm" in banned["batchnorm_forward"] and "from scratch" in banned["BatchNorm1d"]
+    assert ("inference", "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)") \
+        in flags
+    assert scan("ch07_dropout", cells)[0] == {}, "batch_norm is not forbidden in the dropout assignment"
