@@ -13,9 +13,9 @@ written as variants of the closed form
 factor changed.
 """
 import numpy as np
-from bncapture import functions
 
 import bnref
+from bncapture import functions
 
 from . import ch02
 from .compare import Case, Mistake, check_inputs_unchanged, check_not_reference, close, compare, random_matrix
