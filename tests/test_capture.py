@@ -118,3 +118,22 @@ def test_the_static_scan_bans_framework_ops_and_their_callers_and_flags_tricks()
     assert ("inference", "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)") \
         in flags
     assert scan("ch07_dropout", cells)[0] == {}, "batch_norm is not forbidden in the dropout assignment"
+
+
+@pytest.mark.skipif(sandbox.available() is not None, reason=f"no sandbox here: {sandbox.available()}")
+def test_the_same_runner_sees_the_repository_only_without_the_sandbox():
+    """``--no-sandbox`` runs the notebook the same way, with the grader's view; the sandbox hides the repository."""
+    import nbformat
+
+    from bngrade import autograde
+    from bngrade.course import REPO
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"import os\nprint('repo visible:', os.path.exists({str(REPO / 'solutions')!r}))")]
+    seen = {}
+    for boxed in (True, False):
+        executed, status, _, exceeded = autograde.execute(nb, "nb.ipynb", {}, {"timeout": 60}, sandbox.Limits(),
+                                                          use_sandbox=boxed)
+        assert status["ended"] == "ok" and not exceeded, status
+        seen[boxed] = executed.cells[0].outputs[0]["text"].strip()
+    assert seen == {True: "repo visible: False", False: "repo visible: True"}

@@ -285,7 +285,7 @@ def run(input_dir, limits=None, gpu=False, extra_ro=(), env=None):
         err.seek(0)
         outcome.log = err.read()[-20000:].decode("utf-8", "replace")
     outcome.returncode = proc.returncode
-    outcome.results = b"".join(chunks) if not outcome.exceeded or size <= limits.output else b""
+    outcome.results = b"" if size > limits.output else b"".join(chunks)   # over the cap: nothing is used
     outcome.seconds = time.monotonic() - start
     if "MemoryError" in outcome.log and not any("memory" in w for w in outcome.exceeded):
         outcome.exceeded.append(f"used more than {limits.memory / GiB:g} GB of memory")
