@@ -8,7 +8,7 @@ bandwidth measured in the same run, the time over the pass's floor (8, 12
 and 20 bytes per value at the copy bandwidth; see bnref.cuda.roofline), and
 torch's time over ours. Outputs are checked against torch (or bnref) first.
 
-    python benchmarks/gpu_batchnorm.py [--repeats 50] [--shapes 32,64,56,56 ...] [--out benchmarks/results]
+    python benchmarks/gpu_batchnorm.py [--repeats 50] [--shapes 32,64,56,56 ...] [--out benchmarks/results/gpu]
 
 Writes <out>/<gpu-name>.json with the device, the date and the versions.
 Exits with status 2 and a message, and writes nothing, when there is no GPU.

@@ -352,7 +352,7 @@ def test_gpu_simple_two_pass_reduction(cp):
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 def test_benchmark_exits_with_a_message_and_writes_nothing_without_a_gpu(tmp_path):
-    script = roofline.RESULTS_DIR.parent / "gpu_batchnorm.py"
+    script = roofline.RESULTS_DIR.parents[1] / "gpu_batchnorm.py"
     proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
@@ -381,3 +381,21 @@ def test_roofline_helpers_draw_a_results_file_schema(tmp_path):
     plt.close(fig)
     assert roofline.load_results(tmp_path) == []
     assert roofline.floor_ms(10**9, "backward", 1000.0) == pytest.approx(20.0)
+
+
+def test_every_committed_gpu_results_file_is_drawable_by_the_page():
+    """The chapter-5 page plots every file in RESULTS_DIR; a file of another schema there breaks the book."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert roofline.RESULTS_DIR.name == "gpu"
+    results = roofline.load_results()
+    for result in results:
+        assert {"device", "date", "copy_gbps", "rows"} <= set(result), result.get("device")
+        assert result["device"] in roofline.results_table(result)
+    fig, ax = plt.subplots()
+    if results:
+        roofline.plot_results(results, ax)
+    plt.close(fig)

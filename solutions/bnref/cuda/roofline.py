@@ -21,7 +21,7 @@ from pathlib import Path
 PASSES = ("forward_inference", "forward_train", "backward")
 FLOOR_BYTES = {"forward_inference": 8, "forward_train": 12, "backward": 20}
 NOMINAL_BYTES = {"forward_inference": 8, "forward_train": 8, "backward": 12}
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "gpu"
 
 
 def floor_ms(numel, pass_name, copy_gbps):
