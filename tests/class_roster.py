@@ -175,6 +175,67 @@ ROSTER = {
     },
 }
 
+LN_MEAN = "centered = x - x.mean(axis=1, keepdims=True)"
+NORM_RSTD = "rstd = 1.0 / np.sqrt((centered * centered).mean(axis=1, keepdims=True) + eps)"
+LN_DX = "dx = rstd * (g - g.mean(axis=1, keepdims=True) - x_hat * (g * x_hat).mean(axis=1, keepdims=True))"
+GN_ROWS = "rows = x.reshape(n * groups, -1)"
+GN_BACK = "x_hat = (centered * rstd).reshape(x.shape)"
+MERGE_M2 = "qa + qb + delta * delta * (na * nb / n)"
+SYNC_TOTALS = "totals = all_reduce(np.concatenate([[x.size // x.shape[1]], x.sum(axis=axes, dtype=np.float64)]))"
+SYNC_M2 = "m2 = all_reduce((centered.astype(np.float64) ** 2).sum(axis=axes))"
+MERGE_BY_SUMS = """def merge_moments(parts):
+    parts = [(n, np.asarray(m), np.asarray(q)) for n, m, q in parts if n > 0]
+    if not parts:
+        raise ValueError("no data")
+    count = sum(n for n, _, _ in parts)
+    sx = sum(n * m for n, m, _ in parts)
+    sxx = sum(q + n * m * m for n, m, q in parts)
+    mean = sx / count
+    return count, mean, sxx - count * mean * mean
+"""
+
+ROSTER["ch08_beyond_bn"] = {
+    "solution": {},
+    "blank": None,
+    "ln-batch-axis": {"replace": {"layernorm_forward": [
+        (LN_MEAN, "centered = x - x.mean(axis=0, keepdims=True)"),
+        (NORM_RSTD, NORM_RSTD.replace("axis=1", "axis=0"))]},
+        "lose": {"test_layernorm_forward", "test_layernorm_backward"}, "says": "over the batch axis"},
+    "ln-eps-outside": {"replace": {"layernorm_forward": [
+        (NORM_RSTD, "rstd = 1.0 / (np.sqrt((centered * centered).mean(axis=1, keepdims=True)) + eps)")]},
+        "lose": {"test_layernorm_forward", "test_layernorm_backward"}, "says": "eps is added outside"},
+    "ln-np-var": {"replace": {"layernorm_forward": [  # another correct way to the variance
+        (NORM_RSTD, "rstd = 1.0 / np.sqrt(x.var(axis=1, keepdims=True) + eps)")]}, "lose": set()},
+    "ln-no-var-path": {"replace": {"layernorm_backward": [(LN_DX, "dx = rstd * (g - g.mean(axis=1, keepdims=True))")]},
+                       "lose": {"test_layernorm_backward"}, "says": "path through the variance"},
+    "gn-interleaved": {"replace": {"groupnorm_forward": [
+        (GN_ROWS, "rows = x.reshape(n, c // groups, groups, -1).swapaxes(1, 2).reshape(n * groups, -1)"),
+        (GN_BACK, "x_hat = (centered * rstd).reshape(n, groups, c // groups, -1).swapaxes(1, 2).reshape(x.shape)")]},
+        "lose": {"test_groupnorm_forward", "test_groupnorm_backward"}, "says": "not consecutive channels"},
+    "gn-unbiased": {"replace": {"groupnorm_forward": [
+        (NORM_RSTD, "rstd = 1.0 / np.sqrt((centered * centered).sum(axis=1, keepdims=True) / (rows.shape[1] - 1) + eps)")]},
+        "lose": {"test_groupnorm_forward", "test_groupnorm_backward"}, "says": "biased variance"},
+    "merge-no-delta": {"replace": {"merge_moments": [(MERGE_M2, "qa + qb")]},
+                       "lose": {"test_merge_moments"}, "says": "the sum of the shards' m2 only"},
+    "merge-by-sums": {"override": {"merge_moments": MERGE_BY_SUMS},
+                      "lose": {"test_merge_moments"}, "says": "E[x^2] - E[x]^2"},
+    "syncbn-local": {"replace": {"syncbn": [(SYNC_TOTALS, SYNC_TOTALS.replace("all_reduce(", "(")),
+                                            (SYNC_M2, SYNC_M2.replace("all_reduce(", "("))]},
+                     "lose": {"test_syncbn_forward", "test_syncbn_backward"}, "says": "statistics of its own shard"},
+    "syncbn-biased-running": {"replace": {"syncbn": [("running_var += momentum * m2 / (n - 1)",
+                                                      "running_var += momentum * m2 / n")]},
+                              "lose": {"test_syncbn_forward"}, "says": "biased variance"},
+    "syncbn-not-in-place": {"replace": {"syncbn": [
+        ("running_mean *= 1 - momentum\n    running_mean += momentum * mean",
+         "running_mean = (1 - momentum) * running_mean + momentum * mean")]},
+        "lose": {"test_syncbn_forward"}, "says": "not updated in place"},
+    "syncbn-global-dgamma": {"replace": {"syncbn": [("    return dx, dgamma, dbeta",
+                                                     "    return dx, sums[c:] * n, sums[:c] * n")]},
+                             "lose": {"test_syncbn_backward"}, "says": "already summed over the ranks"},
+    "large-batch-bn": {"override": {"answer_small_batch": 'answer_small_batch = "A"'},
+                       "lose": {"test_answer_small_batch"}, "says": "running statistics are only used at test time"},
+}
+
 # ch05 runs CUDA kernels: graded on a GPU where there is one, else on bnref.cuda.emulator (tests/emulated_gpu.py)
 ROSTER["ch05_cupy_kernels"] = {
     "solution": {},

@@ -129,6 +129,36 @@ QUESTIONS = {
                  "noise that is absent at test time.",
         },
     },
+    "ch08_small_batch": {
+        "answer": "B",
+        "why": {
+            "A": "The running statistics are only used at test time; during training each layer normalizes with "
+                 "the statistics of its 2 images, and that noise (and the mismatch with the running averages) is "
+                 "the problem.",
+            "C": "eps only keeps the division finite; it does not make a mean and variance over 2 images any less "
+                 "noisy.",
+            "D": "Statistics over the batch axis are batch norm's, with the same problem; layer norm normalizes "
+                 "each sample over its own features.",
+        },
+    },
+    "ch08_syncbn_why": {
+        "answer": "C",
+        "why": {
+            "A": "BN's arithmetic does not overflow with large images; the issue is how few images each GPU sees.",
+            "B": "SyncBN still normalizes over a batch, just a larger one (all GPUs'); it is not batch-independent.",
+            "D": "SyncBN keeps running statistics for test time, as BN does.",
+        },
+    },
+    "ch08_syncbn_cost": {
+        "answer": "D",
+        "why": {
+            "A": "Only per-channel sums are reduced (count, sum, squared deviations; sum of dy and dy * x_hat): "
+                 "O(C) numbers, whatever the batch size.",
+            "B": "The statistics are synchronized in every forward pass of every BN layer, not once per epoch.",
+            "C": "Data parallelism already keeps a copy of the weights on every GPU; SyncBN adds communication, "
+                 "not copies.",
+        },
+    },
 }
 
 

@@ -20,6 +20,9 @@ FORBIDDEN = {
     "ch05_cupy_kernels": TORCH_NORMS,
     "ch06_batchnorm_cnn": TORCH_NORMS,
     "ch07_dropout": {"dropout", "Dropout", "dropout2d", "Dropout2d", "alpha_dropout", "feature_alpha_dropout"},
+    # the SyncBN functions get all_reduce as an argument: torch.distributed's own would bypass the ranks given
+    "ch08_beyond_bn": TORCH_NORMS | {"InstanceNorm3d", "LocalResponseNorm", "RMSNorm", "rms_norm", "all_reduce",
+                                    "all_gather", "distributed"},
 }
 FRAMEWORKS = {"torch", "tf", "tensorflow", "keras", "jax", "sklearn", "F", "nn", "cp", "cupy", "np", "numpy",
               "linalg", "functional"}

@@ -16,6 +16,15 @@ THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
 
 
+def _new_pool_after_fork():
+    """A forked child (a gloo rank) inherits the pool but not its threads: give it threads of its own."""
+    global _POOL
+    _POOL = ThreadPoolExecutor(THREADS) if THREADS > 1 else None
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
+
+
 def _map_row_blocks(fn, n_rows, row_bytes):
     """Call ``fn(rows)`` on row slices covering ``range(n_rows)``; list of results.
 
