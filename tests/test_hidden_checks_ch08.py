@@ -44,20 +44,16 @@ def _backward_students(mistake):
     return forward, backward
 
 
-@pytest.mark.parametrize("mistake", [m for m in ch08.LN_LAYOUTS], ids=lambda m: m[0][:40])
-def test_each_layernorm_forward_mistake_is_named(mistake):
-    message, fn = mistake
-    student = _forward_student(ch08.Mistake(message, ch08._wrong(fn, False)), bnref.layernorm_forward)
-    with pytest.raises(AssertionError, match=re.escape(message[:30])):
-        ch08.check_layernorm_forward(student)
+FORWARD_MISTAKES = ([(ch08.check_layernorm_forward, bnref.layernorm_forward, m) for m in ch08.LN_LAYOUTS]
+                    + [(ch08.check_groupnorm_forward, bnref.groupnorm_forward, m) for m in ch08.GN_LAYOUTS])
 
 
-@pytest.mark.parametrize("mistake", [m for m in ch08.GN_LAYOUTS], ids=lambda m: m[0][:40])
-def test_each_groupnorm_forward_mistake_is_named(mistake):
+@pytest.mark.parametrize("check,reference,mistake", FORWARD_MISTAKES, ids=lambda v: v[0][:40] if isinstance(v, tuple)
+                         else None)
+def test_each_forward_mistake_is_named(check, reference, mistake):
     message, fn = mistake
-    student = _forward_student(ch08.Mistake(message, ch08._wrong(fn, False)), bnref.groupnorm_forward)
     with pytest.raises(AssertionError, match=re.escape(message[:30])):
-        ch08.check_groupnorm_forward(student)
+        check(_forward_student(ch08.Mistake(message, ch08._wrong(fn, False)), reference))
 
 
 @pytest.mark.parametrize("check,message,fn", [

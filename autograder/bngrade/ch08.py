@@ -119,25 +119,37 @@ def _ln_cases(seed, with_dout=False):
     return cases
 
 
-def _ln_partial_backward(x, gamma, beta, eps, dout, mean_path=True, var_path=True):
-    """LN gradients with the path through the mean or the variance left out: (dx, dgamma, dbeta)."""
-    x, gamma, dout = (np.asarray(a, dtype=np.float64) for a in (x, gamma, dout))
-    centered = x - x.mean(1, keepdims=True)
+def _rows_dx(rows, g, eps, mean_path=True, var_path=True):
+    """dx of a per-row normalization of ``rows`` (M, K) for dL/dx_hat = ``g``, with a path possibly left out.
+
+    Returns (dx (M, K), x_hat (M, K)).
+    """
+    centered = rows - rows.mean(1, keepdims=True)
     rstd = 1.0 / np.sqrt((centered ** 2).mean(1, keepdims=True) + eps)
     x_hat = centered * rstd
-    g = dout * gamma
     dx = g - (g.mean(1, keepdims=True) if mean_path else 0) - (
         x_hat * (g * x_hat).mean(1, keepdims=True) if var_path else 0)
-    return rstd * dx, (dout * x_hat).sum(0), dout.sum(0)
+    return rstd * dx, x_hat
+
+
+def _ln_partial_backward(x, gamma, beta, eps, dout, **paths):
+    """LN gradients with the path through the mean or the variance left out: (dx, dgamma, dbeta)."""
+    x, gamma, dout = (np.asarray(a, dtype=np.float64) for a in (x, gamma, dout))
+    dx, x_hat = _rows_dx(x, dout * gamma, eps, **paths)
+    return dx, (dout * x_hat).sum(0), dout.sum(0)
+
+
+def _forward_check(name, cases, layouts, student):
+    """Compare a forward pass with bnref's on ``cases``, naming ``layouts``; then inputs and dtype."""
+    mistakes = [Mistake(message, _wrong(fn, False)) for message, fn in layouts]
+    compare(student, getattr(bnref, name), cases, name, mistakes, pick=lambda result: result[0])
+    check_inputs_unchanged(student, cases[:2], name)
+    check_dtype(student, cases[-1], name)
 
 
 def check_layernorm_forward(student):
     """Hidden test of ``layernorm_forward(x, gamma, beta, eps) -> (out, cache)``."""
-    cases = _ln_cases(seed=81)
-    mistakes = [Mistake(message, _wrong(fn, False)) for message, fn in LN_LAYOUTS]
-    compare(student, bnref.layernorm_forward, cases, "layernorm_forward", mistakes, pick=lambda result: result[0])
-    check_inputs_unchanged(student, cases[:2], "layernorm_forward")
-    check_dtype(student, cases[-1], "layernorm_forward")
+    _forward_check("layernorm_forward", _ln_cases(seed=81), LN_LAYOUTS, student)
     d = 4
     check_rejects(student, {
         "a 3-D x": (np.ones((2, 3, d)), np.ones(d), np.zeros(d)),
@@ -206,28 +218,19 @@ def _gn_cases(seed, with_dout=False):
     return cases
 
 
-def _gn_partial_backward(x, gamma, beta, groups, eps, dout, mean_path=True, var_path=True):
+def _gn_partial_backward(x, gamma, beta, groups, eps, dout, **paths):
     """GN gradients with the path through the group mean or variance left out."""
     x, gamma, dout = (np.asarray(a, dtype=np.float64) for a in (x, gamma, dout))
     n, c = x.shape[:2]
-    rows = x.reshape(n * groups, -1)
-    centered = rows - rows.mean(1, keepdims=True)
-    rstd = 1.0 / np.sqrt((centered ** 2).mean(1, keepdims=True) + eps)
-    x_hat = centered * rstd
     g = (dout * gamma.reshape(1, c, 1, 1)).reshape(n * groups, -1)
-    dx = g - (g.mean(1, keepdims=True) if mean_path else 0) - (
-        x_hat * (g * x_hat).mean(1, keepdims=True) if var_path else 0)
+    dx, x_hat = _rows_dx(x.reshape(n * groups, -1), g, eps, **paths)
     x_hat = x_hat.reshape(x.shape)
-    return (rstd * dx).reshape(x.shape), (dout * x_hat).sum((0, 2, 3)), dout.sum((0, 2, 3))
+    return dx.reshape(x.shape), (dout * x_hat).sum((0, 2, 3)), dout.sum((0, 2, 3))
 
 
 def check_groupnorm_forward(student):
     """Hidden test of ``groupnorm_forward(x, gamma, beta, groups, eps) -> (out, cache)``."""
-    cases = _gn_cases(seed=83)
-    mistakes = [Mistake(message, _wrong(fn, False)) for message, fn in GN_LAYOUTS]
-    compare(student, bnref.groupnorm_forward, cases, "groupnorm_forward", mistakes, pick=lambda result: result[0])
-    check_inputs_unchanged(student, cases[:2], "groupnorm_forward")
-    check_dtype(student, cases[-1], "groupnorm_forward")
+    _forward_check("groupnorm_forward", _gn_cases(seed=83), GN_LAYOUTS, student)
 
 
 def check_groupnorm_rejects_bad_input(student):
