@@ -1,4 +1,6 @@
 """The hidden-test checks themselves: the reference passes, and each known mistake is named."""
+import contextlib
+import io
 import re
 
 import numpy as np
@@ -219,6 +221,23 @@ def test_each_fold_mistake_is_named(mistake):
         ch06.check_fold_batchnorm(student)
 
 
+def test_fold_that_returns_float64_for_a_float32_weight_is_named():
+    def student(weight, bias, gamma, beta, running_mean, running_var, eps=1e-5):  # right values, products float64
+        scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(running_var, np.float64) + eps)
+        bias = np.zeros_like(scale) if bias is None else bias
+        return weight * scale.reshape(-1, *[1] * (weight.ndim - 1)), (bias - running_mean) * scale + beta
+
+    with pytest.raises(AssertionError, match=re.escape("keep the dtype of weight (float32 in, float32 out)")) as err:
+        ch06.check_fold_batchnorm(student)
+    assert "got folded weight float64" in str(err.value)
+
+
+def test_fold_check_has_a_float32_weight_with_float64_bn_parameters():
+    weight, bias, *params, _ = ch06._fold_cases()[-1].args
+    assert weight.dtype == bias.dtype == np.float32 and all(p.dtype == np.float64 for p in params)
+    assert [a.dtype for a in bnref.fold_batchnorm(weight, bias, *params)] == [np.float32, np.float32]
+
+
 @pytest.mark.parametrize("forget,says", [("mean", "running mean is missing"), ("eps", "eps is missing")])
 def test_folding_that_forgets_the_mean_or_eps_is_named(forget, says):
     def student(weight, bias, gamma, beta, running_mean, running_var, eps=1e-5):
@@ -232,9 +251,14 @@ def test_folding_that_forgets_the_mean_or_eps_is_named(forget, says):
 
 
 def _dropout_student(draw="random", train_scale=True, eval_scale=False, p_is_keep=False, eval_mask=False,
-                     new_mask=False, cache_scaled_mask=False, rng_source=None):
-    """A student's dropout forward/backward; the defaults are correct, each flag is one mistake or variant."""
+                     new_mask=False, cache_scaled_mask=False, rng_source=None, p_one="zeros"):
+    """A student's dropout forward/backward; the defaults are correct, each flag is one mistake or variant.
+
+    ``p_one``: what p = 1 does: "zeros" (correct), "refuse" (ValueError, as the exercise once asked), "nan" (divides
+    by 1 - p = 0 in numpy)."""
     def forward(x, p, train, rng, mode="inverted"):
+        if p_one == "refuse" and not 0 <= p < 1:
+            raise ValueError(f"p must lie in [0, 1); got {p}")
         keep = p if p_is_keep else 1.0 - p
         if rng_source is not None:
             rng = rng_source()
@@ -247,7 +271,9 @@ def _dropout_student(draw="random", train_scale=True, eval_scale=False, p_is_kee
             mask = rng.uniform(size=x.shape) >= 1.0 - keep
         else:
             mask = rng.random(x.shape) < keep
-        scale = 1.0 / keep if mode == "inverted" and train_scale else 1.0
+        scale = 1.0 / keep if mode == "inverted" and train_scale and keep > 0 else 1.0
+        if p_one == "nan" and keep == 0:
+            scale = np.float64(1.0) / np.float64(keep) if mode == "inverted" else 1.0  # 0 * inf
         if cache_scaled_mask:
             return x * (mask * scale), (mask * scale, 1.0)
         return x * mask * scale, (mask, scale)
@@ -302,6 +328,35 @@ def test_each_dropout_mistake_is_named(flags, check, says):
         run()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the "nan" student divides by zero on purpose
+@pytest.mark.parametrize("p_one,check,says", [
+    ("refuse", "train", "raised ValueError"), ("refuse", "classic", "raised ValueError"),
+    ("nan", "train", "got nan or inf"), ("refuse", "backward", "raised ValueError"),
+    ("nan", "backward", "dx must be all zeros; got nan or inf"),
+])
+def test_p_equal_to_one_must_give_zeros_as_torch_does(p_one, check, says):
+    forward, backward = _dropout_student(p_one=p_one)
+    run = {"train": lambda: ch07.check_dropout_train(forward), "classic": lambda: ch07.check_dropout_classic(forward),
+           "backward": lambda: ch07.check_dropout_backward(forward, backward)}[check]
+    with pytest.raises(AssertionError, match=re.escape(says)) as err:
+        run()
+    assert "p=1.0" in str(err.value)
+    if check != "backward":
+        assert "torch.nn.functional.dropout(x, p=1.0) returns" in str(err.value)
+
+
+def test_p_equal_to_one_in_eval_mode_follows_the_convention():
+    def forward(x, p, train, rng, mode="inverted"):  # drops everything whenever p = 1, even in eval mode
+        if p == 1:
+            return np.zeros_like(x), (np.zeros(x.shape, bool), 0.0)
+        return bnref.dropout_forward(x, p, train, rng, mode)
+
+    with pytest.raises(AssertionError, match=re.escape("in eval mode with p = 1 the output must be x * 1")):
+        ch07.check_dropout_eval(forward)
+    ch07.check_dropout_train(forward)    # the training-mode cell tests training mode only
+    ch07.check_dropout_classic(forward)  # classic eval mode is x * (1 - p) = 0 at p = 1
+
+
 def test_a_mask_shared_across_samples_is_named():
     def student(x, p, train, rng, mode="inverted"):
         if not train:
@@ -313,18 +368,109 @@ def test_a_mask_shared_across_samples_is_named():
         ch07.check_dropout_train(student)
 
 
-# Chapter 3: backward passes graded through the student's own forward pass and cache
-
-import contextlib  # noqa: E402
-import io  # noqa: E402
+# The solved sources: their visible tests catch the mistakes they are meant to catch
 
 import jupytext  # noqa: E402
 import torch  # noqa: E402
 
-from bngrade import ch03  # noqa: E402
-from bngrade.course import SOURCES  # noqa: E402
-from class_roster import ROSTER  # noqa: E402
+from bngrade.course import REPO, SOURCES  # noqa: E402
+from bngrade.hidden import HIDDEN  # noqa: E402
 from submissions import solution_cells  # noqa: E402
+
+
+def _run_source(assignment, replace=None, hidden=False):
+    """Run a solved source with its answer cells changed by ``replace`` ({grade_id: [(old, new), ...]}).
+
+    The hidden blocks of the test cells are left out unless ``hidden``. Returns {grade cell: error message} of the
+    grade cells that raised.
+    """
+    answers = solution_cells(assignment)
+    namespace, failures = {}, {}
+    default_dtype = torch.get_default_dtype()  # setup cells change it
+    try:
+        for cell in jupytext.read(SOURCES / f"{assignment}.md").cells:
+            meta = cell.metadata.get("nbgrader", {})
+            if cell.cell_type != "code":
+                continue
+            source = cell.source if hidden else HIDDEN.sub("", cell.source)
+            if meta.get("solution"):
+                source = answers[meta["grade_id"]]
+                for old, new in (replace or {}).get(meta["grade_id"], []):
+                    assert old in source, f"mutant text {old!r} not found in cell {meta['grade_id']}"
+                    source = source.replace(old, new)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(source, namespace)
+            except Exception as err:
+                if not meta.get("grade"):
+                    raise
+                failures[meta["grade_id"]] = f"{type(err).__name__}: {err}"
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return failures
+
+
+@pytest.mark.parametrize("assignment", ["ch02_batchnorm_forward", "ch06_batchnorm_cnn", "ch07_dropout"])
+def test_solved_source_passes_its_visible_and_hidden_tests(assignment):
+    assert _run_source(assignment, hidden=True) == {}
+
+
+@pytest.mark.parametrize("assignment,cell,old,new,lose,says", [
+    ("ch02_batchnorm_forward", "batchnorm_forward", "var = (centered * centered).mean(axis=0)",
+     "var = (x * x).mean(axis=0) - mean * mean", "test_forward", "subtract the mean before squaring"),
+    ("ch06_batchnorm_cnn", "fold_batchnorm",
+     "folded_weight, folded_bias = folded_weight.astype(weight.dtype), folded_bias.astype(weight.dtype)", "",
+     "test_fold", "keep the weight's dtype"),
+    ("ch07_dropout", "dropout_forward", "if not 0.0 <= p <= 1.0:", "if not 0.0 <= p < 1.0:",
+     "test_dropout_train", "ValueError"),
+    ("ch07_dropout", "dropout_forward", "if keep == 0.0:", "if keep < 0.0:", "test_dropout_train", "ZeroDivisionError"),
+], ids=["ch02-one-pass-float32", "ch06-fold-float64", "ch07-refuses-p-1", "ch07-divides-by-zero-at-p-1"])
+def test_visible_tests_catch(assignment, cell, old, new, lose, says):
+    failures = _run_source(assignment, {cell: [(old, new)]})
+    assert set(failures) == {lose}, failures
+    assert says in failures[lose], failures
+
+
+def test_float32_offset_of_1e3_is_what_the_page_the_exercise_and_the_hidden_case_say():
+    case = ch02._forward_cases()[-1]
+    x = case.args[0].astype(np.float64)
+    ratio = np.median(np.abs(x.mean(0)) / x.std(0))
+    assert x.dtype == np.float64 and case.args[0].dtype == np.float32 and 3e2 < ratio < 3e3 and "1e3" in case.label
+    exercises = (REPO / "chapters" / "02_batchnorm_forward" / "index.md").read_text().rsplit("## Exercises", 1)[1]
+    assert r"$|\mu|/\sigma \approx 10^3$" in exercises and "visible and the hidden tests" in exercises
+    source = (SOURCES / "ch02_batchnorm_forward.md").read_text()
+    assert "x32 = (1e3 + " in source and r"$|\mu|/\sigma \approx 10^3$" in source
+
+    def one_pass(x, gamma, beta, eps=1e-5):
+        mean = x.mean(0)
+        return (gamma * (x - mean) / np.sqrt((x * x).mean(0) - mean * mean + eps) + beta).astype(x.dtype), None
+
+    with pytest.raises(AssertionError, match=re.escape("E[x^2] - E[x]^2")) as err:
+        ch02.check_batchnorm_forward(one_pass)
+    assert case.label in str(err.value)
+
+
+def test_batchnorm1d_attributes_the_hidden_check_uses_are_locked_in_the_exercise():
+    import inspect
+
+    used = set(re.findall(r"\blayer\.(\w+)", inspect.getsource(ch02.check_batchnorm1d)
+                          + inspect.getsource(ch02._check_step)))
+    locked = {"gamma", "beta", "running_mean", "running_var", "eps", "momentum", "training"}
+    methods = {"train", "eval", "forward"}
+    assert used <= locked | methods, used - locked - methods
+    source = (SOURCES / "ch02_batchnorm_forward.md").read_text()
+    section = source.split("## 4. A `BatchNorm1d` layer", 1)[1].split("```", 1)[0]
+    assert "**locked**" in section
+    for name in locked | {f"{m}()" for m in methods - {"forward"}} | {"forward(x)"}:
+        assert f"`{name}`" in section, name
+    layer = bnref.BatchNorm1d(3, momentum=0.2)
+    assert all(hasattr(layer, name) for name in locked | methods)
+
+
+# Chapter 3: backward passes graded through the student's own forward pass and cache
+
+from bngrade import ch03  # noqa: E402
+from class_roster import ROSTER  # noqa: E402
 
 CH03 = "ch03_batchnorm_backward"
 

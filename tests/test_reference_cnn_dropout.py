@@ -226,3 +226,47 @@ def test_progress_bars_are_quiet_unless_asked(monkeypatch, capsys):
     assert "loud" in capsys.readouterr().err
     monkeypatch.delenv("BNREF_PROGRESS")
     assert bnref.progress(range(3)).disable  # pytest's stderr is not a terminal
+
+
+def _exercise_dropout():
+    """The exercise's solved dropout_forward and dropout_backward, run from the solution source."""
+    from submissions import solution_cells
+
+    cells = solution_cells("ch07_dropout")
+    namespace = {"np": np}
+    exec(cells["dropout_forward"] + "\n" + cells["dropout_backward"], namespace)
+    return namespace["dropout_forward"], namespace["dropout_backward"]
+
+
+@pytest.mark.parametrize("mode", ["inverted", "classic"])
+def test_p_equal_to_one_agrees_in_bnref_the_exercise_and_torch(mode):
+    """p = 1 drops every unit: zeros in training mode, and a zero gradient; eval mode follows the convention."""
+    x = np.random.default_rng(3).normal(size=(6, 5))
+    dout = np.ones_like(x)
+    torch_train = torch.nn.functional.dropout(torch.from_numpy(x), p=1.0, training=True).numpy()
+    torch_eval = torch.nn.functional.dropout(torch.from_numpy(x), p=1.0, training=False).numpy()
+    assert np.all(torch_train == 0) and np.array_equal(torch_eval, x)
+    for forward, backward in [(bnref.dropout_forward, bnref.dropout_backward), _exercise_dropout()]:
+        with np.errstate(all="raise"):  # no division by 1 - p = 0 anywhere
+            out, cache = forward(x, 1.0, True, np.random.default_rng(0), mode)
+            np.testing.assert_array_equal(out, torch_train)
+            np.testing.assert_array_equal(backward(dout, cache), np.zeros_like(x))
+            out, cache = forward(x, 1.0, False, np.random.default_rng(0), mode)
+            np.testing.assert_array_equal(out, torch_eval if mode == "inverted" else np.zeros_like(x))
+            np.testing.assert_array_equal(backward(dout, cache), dout if mode == "inverted" else np.zeros_like(x))
+        with pytest.raises(ValueError, match="drop probability"):
+            forward(x, 1.5, True, np.random.default_rng(0), mode)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_keeps_a_float32_weight_float32_with_float64_bn_parameters(bias):
+    rng = np.random.default_rng(8)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    conv_bias = rng.normal(size=4).astype(np.float32) if bias else None
+    params = rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.5, 2, 4)   # float64
+    w, b = bnref.fold_batchnorm(weight, conv_bias, *params)
+    assert (w.dtype, b.dtype) == (np.float32, np.float32)
+    bias64 = None if conv_bias is None else conv_bias.astype(np.float64)
+    w64, b64 = bnref.fold_batchnorm(weight.astype(np.float64), bias64, *params)
+    np.testing.assert_allclose(w, w64, rtol=1e-6)
+    np.testing.assert_allclose(b, b64, rtol=1e-6, atol=1e-6)

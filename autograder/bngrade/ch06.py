@@ -11,7 +11,8 @@ import numpy as np
 
 import bnref
 
-from .compare import Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, compare
+from .compare import (Case, Mistake, _call, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects,
+                      compare)
 
 # Shapes chosen so that every wrong layout differs from the right one (H * W > 1, C > 1).
 SHAPES = [(2, 3, 4, 5), (6, 4, 3, 3), (3, 2, 5, 1), (16, 8, 4, 4)]
@@ -177,6 +178,11 @@ def _fold_cases(seed=64):
             params = tuple(p.astype(dtype) for p in (gamma, beta, mean, var))
             label = f"weight {shape} {np.dtype(dtype).name}, bias={'given' if has_bias else 'None'}, eps={eps}"
             cases.append(Case((weight, bias, *params, eps), label))
+    # a float32 layer with float64 BN statistics (numpy's default dtype): the result keeps the weight's float32
+    weight, bias = rng.normal(0.0, 0.5, (5, 3, 3, 3)).astype(np.float32), rng.normal(0.0, 1.0, 5).astype(np.float32)
+    params = (rng.uniform(0.5, 2.0, 5), rng.normal(0.0, 1.0, 5), rng.normal(0.0, 2.0, 5), rng.uniform(0.01, 3.0, 5))
+    cases.append(Case((weight, bias, *params, 1e-5), "weight (5, 3, 3, 3) float32, bias given, gamma, beta, "
+                                                     "running_mean, running_var float64, eps=1e-05"))
     return cases
 
 
@@ -212,8 +218,23 @@ FOLD_MISTAKES = [
 ]
 
 
+FOLD_DTYPE_MESSAGE = ("keep the dtype of weight (float32 in, float32 out): with float64 BN parameters the products "
+                      "are float64; cast the folded weight and bias with .astype(weight.dtype)")
+
+
+def check_fold_dtype(student, cases, name="fold_batchnorm"):
+    """Both folded arrays have the weight's dtype, also when the BN parameters are float64."""
+    for case in cases:
+        weight = case.args[0]
+        got = [np.asarray(r).dtype for r in _call(student, case.args, name, case.label)]
+        if any(dtype != weight.dtype for dtype in got):
+            raise AssertionError(f"{name}: {FOLD_DTYPE_MESSAGE}; got folded weight {got[0]}, folded bias {got[1]} "
+                                 f"for a {weight.dtype} weight (input: {case.label})")
+
+
 def check_fold_batchnorm(student):
     """Hidden test of ``fold_batchnorm(weight, bias, gamma, beta, running_mean, running_var, eps)``."""
     cases = _fold_cases()
     compare(student, bnref.fold_batchnorm, cases, "fold_batchnorm", FOLD_MISTAKES)
     check_inputs_unchanged(student, cases, "fold_batchnorm")
+    check_fold_dtype(student, cases[-2:])   # float32 without a bias; float32 with float64 BN parameters

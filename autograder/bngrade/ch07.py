@@ -9,7 +9,9 @@ the kept units. Then
 * every kept unit must be ``x`` times the convention's scale, every other 0;
 * the fraction dropped must be within 6 standard deviations of ``p``;
 * the keep/drop decisions must be independent per element, and come from ``rng``;
-* the backward pass must let the gradient through exactly the kept units.
+* the backward pass must let the gradient through exactly the kept units;
+* ``p = 1`` drops every unit: the training-mode output and its gradient are all zeros, as
+  ``torch.nn.functional.dropout(x, p=1.0)`` returns (and as ``bnref`` does).
 """
 from typing import NamedTuple
 
@@ -208,17 +210,41 @@ TRAIN_CASES = [((400, 50), 0.2, np.float64), ((400, 50), 0.7, np.float64), ((100
 EVAL_CASES = [((50, 20), 0.3, np.float64), ((10, 4, 4), 0.75, np.float32), ((7,), 0.0, np.float64)]
 
 
+P_ONE_MESSAGE = ("with p = 1 every unit is dropped: in training mode the output is all zeros, as "
+                 "torch.nn.functional.dropout(x, p=1.0) returns (1 / (1 - p) divides by zero there: handle p = 1 "
+                 "apart, and do not refuse it)")
+
+
+def check_p_one(student, mode, train, seed):
+    """``p = 1``: all zeros in training mode; in eval mode ``x * EVAL_SCALE`` (x for inverted dropout, as torch)."""
+    rng = np.random.default_rng(seed)
+    x = signed_values(rng, (20, 10), np.float64)
+    try:
+        d = draw(student, x, 1.0, train, mode, np.random.default_rng(rng.integers(1 << 31)))
+    except AssertionError as err:  # it raised: name the case
+        raise AssertionError(f"{err}; {P_ONE_MESSAGE}") from None
+    if train and not np.all(d.out == 0):
+        got = "nan or inf" if not np.all(np.isfinite(d.out)) else f"{np.count_nonzero(d.out)} nonzero values"
+        raise AssertionError(f"{FORWARD}: {P_ONE_MESSAGE}; got {got} (input: {d.label})")
+    scale = EVAL_SCALE[mode](1.0)
+    if not train and not close(d.out, x * scale, np.float64):
+        raise AssertionError(f"{FORWARD}: in eval mode with p = 1 the output must be x * {scale:g}, as for any p "
+                             f"(input: {d.label})")
+
+
 def check_dropout_train(student):
     """Hidden test of ``dropout_forward(x, p, train=True, rng, mode="inverted")``."""
     check_not_reference(student, FORWARD)
     check_train_mode(student, "inverted", TRAIN_CASES, seed=71)
     check_uses_rng(student, np.ones((40, 30)), 0.4, "inverted")
+    check_p_one(student, "inverted", train=True, seed=76)
 
 
 def check_dropout_eval(student):
     """Hidden test of ``dropout_forward(x, p, train=False, rng, mode="inverted")``: the identity."""
     check_not_reference(student, FORWARD)
     check_eval_mode(student, "inverted", EVAL_CASES, seed=72)
+    check_p_one(student, "inverted", train=False, seed=78)
 
 
 def check_dropout_classic(student):
@@ -226,6 +252,8 @@ def check_dropout_classic(student):
     check_not_reference(student, FORWARD)
     check_train_mode(student, "classic", TRAIN_CASES[:3], seed=73)
     check_eval_mode(student, "classic", EVAL_CASES, seed=74)
+    check_p_one(student, "classic", train=True, seed=77)
+    check_p_one(student, "classic", train=False, seed=79)
 
 
 # Backward
@@ -285,3 +313,10 @@ def check_dropout_backward(forward, backward):
                   [Mistake(m.message.replace("your eval mode returns x", "your backward returns dout"), m.fn)
                    for m in EVAL_MISTAKES[mode]], (dout, p), d.label,
                   f"in eval mode dx must be dout * {EVAL_SCALE[mode](p):.4g}")
+    x, dout = signed_values(rng, (20, 10), np.float64), signed_values(rng, (20, 10), np.float64)
+    d = draw(forward, x, 1.0, True, "inverted", np.random.default_rng(rng.integers(1 << 31)))
+    dx = _as_result(_call(backward, BACKWARD, (dout.copy(), d.cache), d.label), x.shape, BACKWARD, d.label)
+    if not np.all(dx == 0):
+        raise AssertionError(f"{BACKWARD}: with p = 1 the forward pass dropped every unit, so dx must be all zeros; "
+                             f"got {'nan or inf' if not np.all(np.isfinite(dx)) else 'nonzero values'} "
+                             f"(input: {d.label})")
