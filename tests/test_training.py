@@ -233,6 +233,116 @@ def test_progress_is_quiet_without_a_terminal(digits, capsys, monkeypatch):
     assert "epochs" in capsys.readouterr().err
 
 
+# --- lite BN, fixed-step training, diagnostics ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mean", "var"])
+@pytest.mark.parametrize("training", [True, False])
+def test_lite_bn_matches_torch_autograd(mode, training):
+    rng = np.random.default_rng(5)
+    x, dout = rng.normal(1.5, 2.0, size=(12, 6)), rng.normal(size=(12, 6))
+    layer = mlp.LiteBatchNorm1d(6, mode, momentum=0.2)
+    layer.gamma, layer.beta = rng.uniform(0.5, 2.0, 6), rng.normal(size=6)
+    layer.running_mean, layer.running_var = rng.normal(size=6), rng.uniform(0.5, 2.0, 6)
+    if not training:
+        layer.eval()
+    out = layer.forward(x)
+    dx = layer.backward(dout)
+
+    xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, layer.gamma, layer.beta))
+    mean = xt.mean(0) if training else torch.tensor(layer.running_mean)
+    var = xt.var(0, unbiased=False) if training else torch.tensor(layer.running_var)
+    x_hat = xt - mean if mode == "mean" else xt / torch.sqrt(var + layer.eps)
+    expected = gt * x_hat + bt
+    expected.backward(torch.tensor(dout))
+    np.testing.assert_allclose(out, expected.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for ours, theirs in ((dx, xt), (layer.dgamma, gt), (layer.dbeta, bt)):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+    if training:  # the queued statistics are the batch mean and unbiased variance, applied by run_update
+        np.testing.assert_allclose(layer.pending[1], x.var(axis=0, ddof=1), rtol=1e-12)
+        layer.run_update()
+        assert layer.pending is None
+    else:
+        assert layer.pending is None
+
+
+@pytest.mark.parametrize("mode", ["mean", "var"])
+def test_lite_bn_mlp_gradients_and_training(mode, digits):
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(16, 7)), rng.integers(0, 4, 16)
+    model = mlp.MLP((7, 9, 8, 4), bn=mode, seed=1)
+    assert all(isinstance(layer, mlp.LiteBatchNorm1d) and layer.mode == mode for layer in model.bn_layers)
+    assert model.biases[:-1] == [None, None]
+    loss, dscores = mlp.softmax_cross_entropy(model.forward(x), y)
+    model.backward(dscores)
+    eps = 1e-6
+    for param, grad in model.grads:  # central differences on a few entries of every parameter
+        for index in list(np.ndindex(param.shape))[:3]:
+            old = param[index]
+            param[index] = old + eps
+            up = mlp.softmax_cross_entropy(model.forward(x), y)[0]
+            param[index] = old - eps
+            down = mlp.softmax_cross_entropy(model.forward(x), y)[0]
+            param[index] = old
+            assert grad[index] == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    history = mlp.fit(mlp.MLP((64, 50, 10), bn=mode, seed=0), digits, 2, 0.1, 64)
+    assert history["test_acc"][-1] > 0.5, "it learns (chance is 10%)"
+    with pytest.raises(ValueError, match="mode"):
+        mlp.LiteBatchNorm1d(3, "both")
+
+
+def test_fit_with_one_pass_per_epoch_of_steps_trains_exactly_as_epochs(digits):
+    n_steps = len(digits[0]) // 64
+    by_epoch = mlp.fit(mlp.MLP((64, 30, 10), bn=True, seed=2), digits, 2, 0.1, 64, seed=3)
+    by_steps = mlp.fit(mlp.MLP((64, 30, 10), bn=True, seed=2), digits, 2, 0.1, 64, seed=3, steps_per_epoch=n_steps)
+    for key in by_epoch:
+        np.testing.assert_array_equal(by_epoch[key], by_steps[key])
+
+
+def test_fit_with_fixed_steps_takes_the_same_number_of_steps_for_every_batch_size(digits):
+    for batch_size in (4, 512):  # a tenth of an epoch, and several epochs
+        history = mlp.fit(mlp.MLP((64, 20, 10), bn=True, seed=0), digits, 3, 0.05, batch_size, steps_per_epoch=10)
+        assert len(history["step_loss"]) == 30 and len(history["test_acc"]) == 3
+    stream = mlp.batch_stream(10, 4, np.random.default_rng(0))
+    batches = [next(stream) for _ in range(4)]  # two passes of two batches; each pass a permutation
+    for first, second in (batches[:2], batches[2:]):
+        assert len(set(first) | set(second)) == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        next(mlp.batch_stream(10, 1, np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_layer_statistics_describe_one_pass_and_leave_the_model_alone(bn, digits):
+    x, y = digits[0][:200], digits[1][:200]
+    model = mlp.MLP((64, 30, 20, 10), bn=bn, seed=0, weight_scale=0.05)
+    model.eval()
+    before = copy.deepcopy(model)
+    stats = mlp.layer_statistics(model, x, y)
+    assert not model.training and not model.update_ops
+    for ours, theirs in zip(model.parameters(), before.parameters()):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in zip(model.bn_layers, before.bn_layers):
+        np.testing.assert_array_equal(ours.running_mean, theirs.running_mean)
+        np.testing.assert_array_equal(ours.running_var, theirs.running_var)
+    # By hand: the first hidden layer's output and the loss.
+    z = x @ model.weights[0]
+    if bn:
+        z = (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)
+    else:
+        z = z + model.biases[0]
+    h = np.maximum(z, 0)
+    assert stats["act_mean"][0] == pytest.approx(h.mean(), rel=1e-10)
+    assert stats["act_std"][0] == pytest.approx(h.std(), rel=1e-10)
+    assert stats["saturated"][0] == pytest.approx(np.mean(z <= 0), abs=1e-12)
+    assert stats["dead"][0] == pytest.approx(np.mean((z <= 0).all(axis=0)), abs=1e-12)
+    assert stats["loss"] == pytest.approx(mlp.softmax_cross_entropy(copy.deepcopy(before).train().forward(x), y)[0])
+    assert all(len(v) == 2 for k, v in stats.items() if k != "loss") and np.all(stats["grad_std"] > 0)
+    if not bn:  # weight std 0.05 shrinks the signal layer by layer; BN restores it
+        assert stats["act_std"][1] < stats["act_std"][0] < 0.5
+    else:
+        assert stats["act_std"][1] == pytest.approx(stats["act_std"][0], rel=0.2)
+
+
 # --- the MNIST loader, on small IDX files written here ---------------------------------------------------------
 
 

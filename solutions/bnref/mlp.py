@@ -11,6 +11,13 @@ that ``tf.layers.batch_normalization`` puts in ``tf.GraphKeys.UPDATE_OPS``.
 The update takes effect when :meth:`MLP.run_update_ops` runs. A training
 loop that forgets it trains well and evaluates with running statistics that
 never left their initial values (mean 0, variance 1).
+
+Besides full BN, :class:`MLP` offers the two halves of it, ``bn="mean"`` (centring
+only) and ``bn="var"`` (scaling only), for the "lite" BN experiment; :func:`fit`
+can train for a fixed number of steps per evaluation (``steps_per_epoch``), so
+that runs with different batch sizes take the same number of SGD steps; and
+:func:`layer_statistics` gives the per-layer activation and gradient
+statistics of one forward/backward pass, for diagnostics at initialization.
 """
 import copy
 
@@ -137,6 +144,57 @@ class DeferredBatchNorm1d(BatchNorm1d):
             self.pending = None
 
 
+class LiteBatchNorm1d(DeferredBatchNorm1d):
+    """Half of batch norm: centring only (``mode="mean"``) or scaling only (``mode="var"``).
+
+    ``mode="mean"`` computes ``gamma * (x - mean) + beta``, ``mode="var"``
+    computes ``gamma * x / sqrt(var + eps) + beta``, with the batch mean and
+    (biased) variance in training mode and the running ones in eval mode. The
+    "lite" BN of an exercise of Dive into Deep Learning (section on batch
+    normalization): which half of BN does the work? The running statistics,
+    the queued update and :meth:`run_update` are :class:`DeferredBatchNorm1d`'s
+    (both statistics are tracked in either mode, only one is used).
+    """
+
+    MODES = ("mean", "var")
+
+    def __init__(self, num_features, mode, eps=1e-5, momentum=0.1, dtype=np.float64):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        super().__init__(num_features, eps=eps, momentum=momentum, dtype=dtype)
+        self.mode = mode
+        self.lite_cache = None
+
+    def forward(self, x):
+        """Centre or scale an (N, D) batch; returns (N, D). Training mode queues the running-stat update."""
+        if self.training:
+            n = x.shape[0]
+            mean, var = x.mean(axis=0), x.var(axis=0)
+            self.pending = (mean, var * (n / (n - 1)))
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = None if self.mode == "mean" else 1.0 / np.sqrt(var + self.eps)
+        x_hat = x - mean if self.mode == "mean" else x * inv_std
+        self.lite_cache = (x, mean, x_hat, inv_std, self.training)
+        return self.gamma * x_hat + self.beta
+
+    __call__ = forward
+
+    def backward(self, dout):
+        """Backward of the last :meth:`forward`: dout (N, D) -> dx (N, D); sets dgamma and dbeta."""
+        if self.lite_cache is None:
+            raise RuntimeError("LiteBatchNorm1d.backward needs a forward pass first")
+        x, mean, x_hat, inv_std, batch_stats = self.lite_cache
+        self.dgamma, self.dbeta = (dout * x_hat).sum(axis=0), dout.sum(axis=0)
+        g = dout * self.gamma
+        if self.mode == "mean":
+            return g - g.mean(axis=0) if batch_stats else g
+        if not batch_stats:  # the running variance is a constant
+            return g * inv_std
+        # d(x_j s)/dx with s = (var + eps)^(-1/2) and d var / d x_j = 2 (x_j - mean) / N
+        return inv_std * g - inv_std ** 3 * (x - mean) * (g * x).mean(axis=0)
+
+
 def init_weights(d_in, d_out, scale, rng, dtype=np.float64):
     """A (d_in, d_out) Gaussian weight matrix.
 
@@ -153,7 +211,8 @@ class MLP:
 
     Each hidden layer is ``affine -> [batch norm] -> activation``; the last layer
     is affine. With ``bn=True`` the hidden affine layers have no bias (BN's beta
-    replaces it). The API mirrors ``torch.nn.Module`` where it can:
+    replaces it). ``bn="mean"`` or ``bn="var"`` uses a :class:`LiteBatchNorm1d`
+    of that mode instead (no hidden biases either). The API mirrors ``torch.nn.Module`` where it can:
     :meth:`train` / :meth:`eval`, :meth:`forward`, :meth:`backward`, plus
     :meth:`sgd_step` and :meth:`run_update_ops`.
 
@@ -161,6 +220,8 @@ class MLP:
         weights: list of (D_in, D_out) arrays; biases: list of (D_out,) arrays or None.
         bn_layers: list of :class:`DeferredBatchNorm1d` (empty without BN).
         training: True after :meth:`train`, False after :meth:`eval`.
+        hidden_grads: after :meth:`backward`, the gradient of the loss with respect
+            to each hidden layer's output (after the activation), (N, width) each.
     """
 
     def __init__(self, sizes=(64, 100, 100, 10), bn=False, act="relu", weight_scale="he", momentum=0.1,
@@ -171,11 +232,17 @@ class MLP:
         self.weights = [init_weights(a, b, weight_scale, rng, dtype) for a, b in zip(sizes[:-1], sizes[1:])]
         self.biases = [None if bn and i < n_hidden else np.zeros(b, dtype=dtype)
                        for i, b in enumerate(sizes[1:])]
-        self.bn_layers = [DeferredBatchNorm1d(d, eps=eps, momentum=momentum, dtype=dtype)
-                          for d in sizes[1:-1]] if bn else []
+        if isinstance(bn, str) and bn not in LiteBatchNorm1d.MODES:
+            raise ValueError(f"bn must be True, False or one of {LiteBatchNorm1d.MODES}, got {bn!r}")
+        if isinstance(bn, str):
+            self.bn_layers = [LiteBatchNorm1d(d, bn, eps=eps, momentum=momentum, dtype=dtype) for d in sizes[1:-1]]
+        else:
+            self.bn_layers = [DeferredBatchNorm1d(d, eps=eps, momentum=momentum, dtype=dtype)
+                              for d in sizes[1:-1]] if bn else []
         self.training = True
         self._caches = None
         self.grads = None
+        self.hidden_grads = None
 
     def train(self):
         """Training mode: BN uses batch statistics and queues running-stat updates."""
@@ -218,10 +285,12 @@ class MLP:
         if self._caches is None:
             raise RuntimeError("MLP.backward needs a forward pass first")
         grads_w, grads_b = [None] * len(self.weights), [None] * len(self.weights)
+        hidden_grads = [None] * (len(self.weights) - 1)
         dh = dscores
         for i in reversed(range(len(self.weights))):
             affine_cache, act_cache = self._caches[i]
             if act_cache is not None:
+                hidden_grads[i] = dh
                 dh = self.act_backward(dh, act_cache)
                 if self.bn_layers:
                     dh = self.bn_layers[i].backward(dh)
@@ -230,6 +299,7 @@ class MLP:
         grads += [(p, g) for layer in self.bn_layers for p, g in ((layer.gamma, layer.dgamma),
                                                                   (layer.beta, layer.dbeta))]
         self.grads = grads
+        self.hidden_grads = hidden_grads
         return dh
 
     def parameters(self):
@@ -283,6 +353,43 @@ def train_epoch(model, x, y, lr, batch_size, rng):
     return np.array(losses)
 
 
+def batch_stream(n, batch_size, rng):
+    """Endless mini-batches of indices into N samples, as :func:`train_epoch` draws them.
+
+    Each pass over the data is one ``rng.permutation(n)`` cut into batches of
+    ``batch_size``; the last ``n % batch_size`` indices of a pass are left out.
+
+    Yields:
+        (batch_size,) integer arrays.
+    """
+    if not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be between 2 and {n}, got {batch_size}")
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+def train_steps(model, x, y, lr, batches, steps):
+    """``steps`` steps of mini-batch SGD, on the next ``steps`` batches of the iterator ``batches``.
+
+    The step is :func:`train_epoch`'s; :func:`batch_stream` makes the batches.
+
+    Returns:
+        (steps,) array of the training loss of each step.
+    """
+    model.train()
+    losses = []
+    for _ in progress(range(steps), desc="steps", leave=False):
+        batch = next(batches)
+        loss, dscores = softmax_cross_entropy(model.forward(x[batch]), y[batch])
+        model.backward(dscores)
+        model.run_update_ops()
+        model.sgd_step(lr)
+        losses.append(loss)
+    return np.array(losses)
+
+
 def evaluate(model, x, y):
     """Loss and accuracy of ``model`` on (x, y) in eval mode (running statistics).
 
@@ -293,6 +400,51 @@ def evaluate(model, x, y):
     scores = model.forward(x)
     loss, _ = softmax_cross_entropy(scores, y)
     return loss, float(np.mean(scores.argmax(axis=1) == y))
+
+
+def layer_statistics(model, x, y, threshold=0.05):
+    """Statistics of each hidden layer in one training-mode forward and backward pass on (x, y).
+
+    The diagnostics of a network at initialization: how large the activations
+    and their gradients are, layer by layer, and how many units pass little or
+    no gradient. The model is left as it was: its mode is restored, the queued
+    running-statistics updates are dropped, and no parameter changes (only
+    :attr:`MLP.grads` and :attr:`MLP.hidden_grads` now hold this pass's gradients).
+
+    Args:
+        model: an :class:`MLP`; x: (N, D) inputs; y: (N,) labels.
+        threshold: a unit is *saturated* on a sample where the derivative of its
+            activation is below this (for ReLU: where it is inactive; for ELU:
+            inputs below ln 0.05, about -3).
+
+    Returns:
+        dict: ``loss`` (float), and per hidden layer, arrays of length
+        ``len(sizes) - 2``: ``act_mean``, ``act_std`` (of the layer's outputs over
+        all samples and units), ``grad_std`` (of the loss gradient with respect to
+        those outputs), ``saturated`` (fraction of (sample, unit) pairs) and
+        ``dead`` (fraction of units saturated on every sample).
+    """
+    was_training = model.training
+    pending = [layer.pending for layer in model.bn_layers]
+    model.train()
+    loss, dscores = softmax_cross_entropy(model.forward(x), y)
+    caches = model._caches
+    model.backward(dscores)
+    for layer, queued in zip(model.bn_layers, pending):
+        layer.pending = queued  # drop this pass's statistics, keep what was queued before
+    if not was_training:
+        model.eval()
+    out = {key: [] for key in ("act_mean", "act_std", "grad_std", "saturated", "dead")}
+    for i, grad in enumerate(model.hidden_grads):
+        act = caches[i + 1][0][0]  # the input of the next affine layer is this layer's output
+        slope = model.act_backward(np.ones_like(act), caches[i][1])
+        low = slope < threshold
+        out["act_mean"].append(act.mean())
+        out["act_std"].append(act.std())
+        out["grad_std"].append(grad.std())
+        out["saturated"].append(low.mean())
+        out["dead"].append(low.all(axis=0).mean())
+    return {"loss": loss, **{key: np.array(value) for key, value in out.items()}}
 
 
 def recalibrate_bn(model, x):
@@ -317,7 +469,7 @@ def recalibrate_bn(model, x):
     model.eval()
 
 
-def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="epochs"):
+def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="epochs", steps_per_epoch=None):
     """Train ``model`` for ``epochs`` epochs and record its curves.
 
     Args:
@@ -326,6 +478,11 @@ def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="ep
         lr, batch_size: as in :func:`train_epoch`; seed: of the shuffling.
         recalibrate: also record the test metrics after :func:`recalibrate_bn`
             (on a copy, so the running averages of the training run are kept).
+        steps_per_epoch: None for epochs of one pass over the training set; a
+            number makes every "epoch" (the period between two evaluations)
+            exactly that many SGD steps on the batches of one
+            :func:`batch_stream`, whatever the batch size. With
+            ``len(x_train) // batch_size`` it trains exactly as None does.
 
     Returns:
         dict of arrays: ``step_loss`` (every step), and per epoch ``train_loss``,
@@ -337,8 +494,12 @@ def fit(model, data, epochs, lr, batch_size, seed=0, recalibrate=False, desc="ep
     history = {key: [] for key in ("step_loss", "train_loss", "train_acc", "test_loss", "test_acc")}
     if recalibrate:
         history["test_acc_recal"] = []
+    batches = None if steps_per_epoch is None else batch_stream(len(x_train), batch_size, rng)
     for _ in progress(range(epochs), desc=desc, leave=False):
-        history["step_loss"].extend(train_epoch(model, x_train, y_train, lr, batch_size, rng))
+        if batches is None:
+            history["step_loss"].extend(train_epoch(model, x_train, y_train, lr, batch_size, rng))
+        else:
+            history["step_loss"].extend(train_steps(model, x_train, y_train, lr, batches, steps_per_epoch))
         for split, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
             loss, acc = evaluate(model, xs, ys)
             history[f"{split}_loss"].append(loss)
