@@ -58,3 +58,11 @@ def book(tmp_path_factory):
     return proc, out / "_build" / "html"
 
 
+@pytest.fixture(scope="session")
+def published(book, tmp_path_factory):
+    """The student tree ``make publish`` writes (``bngrade.publish``), from the session's book."""
+    from bngrade.publish import publish
+
+    proc, site = book
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return publish(site, tmp_path_factory.mktemp("publish") / "publish")
