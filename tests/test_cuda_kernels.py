@@ -1,16 +1,21 @@
 """Chapter 5's CUDA kernels.
 
-Without a GPU: every kernel source compiles with nvcc for sm_80 and sm_90
+Without a GPU: every kernel source compiles with nvcc for sm_75, sm_80 and sm_90
 without register spills (ptxas' resource table is printed at the end of the
-module), and the NumPy mirror of the kernels' reduction tree matches the
-two-pass statistics on shapes with partial warps, partial blocks and a
-grid-level merge. The kernels themselves run against bnref and torch twice: on
-the CPU emulator (``bnref.cuda.emulator``, always, where a C++ compiler exists),
-and on a GPU with CuPy (``-m gpu``, skipped with a reason when there is none).
+module) and matches the committed table the planner reads; the launch planner
+sizes every persistent grid to the resident slots, in balanced shares; and the
+NumPy mirror of the kernels' reduction tree matches the two-pass statistics on
+shapes with partial warps, partial blocks and a grid-level merge. The kernels
+themselves run against bnref and torch twice: on the CPU emulator
+(``bnref.cuda.emulator``, always, where a C++ compiler exists), and on a GPU
+with CuPy (``-m gpu``, skipped with a reason when there is none).
 """
+import gc
 import re
 import subprocess
 import sys
+import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -25,12 +30,14 @@ needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ 
 needs_nvcc = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc is not on PATH: kernel sources not compiled")
 
 
-# (shape, layout, G): partial warps (231 values per channel), N*H*W not a multiple of 256,
-# a partial column of channels (37), a grid merge with more partials (300) than threads (256).
+# (shape, layout, blocks): partial warps (231 values per channel), N*H*W not a multiple of 256, shares that
+# cross channel boundaries, float4 loads (S % 4 == 0), a partial column of channels (37), and a grid merge
+# with more partials (300) than threads (256).
 TREE_CASES = [
     ((3, 5, 7, 11), "NCHW", None),
     ((3, 5, 7, 11), "NCHW", 3),
     ((5, 2, 1000), "NCHW", 7),
+    ((4, 6, 8, 8), "NCHW", 5),
     ((2, 1, 300 * 256 + 5), "NCHW", 300),
     ((7, 3), "NCHW", 1),
     ((1000, 37), "NCHW", 5),
@@ -70,8 +77,26 @@ def test_kernel_source_compiles_without_spills(file, arch, tmp_path, ptxas_rows,
     assert {r.kernel for r in rows} == set(KERNELS[file])
     for r in rows:
         assert r.spill_stores == 0 and r.spill_loads == 0 and r.stack == 0, f"{r.kernel} spills on {arch}: {r}"
-        # 256 threads x 64 registers still lets 4 blocks share an SM (65536 registers)
-        assert r.registers <= 64, f"{r.kernel} needs {r.registers} registers on {arch}"
+        # __launch_bounds__(256, N): ptxas fits the registers to N resident blocks, and they do fit
+        want = 4 if arch == "sm_75" else 6
+        assert r.blocks_per_sm >= want, f"{r.kernel} on {arch}: {r.registers} registers allow {r.blocks_per_sm}/SM"
+
+
+def test_the_committed_ptxas_table_covers_every_kernel_without_spills():
+    """The planner and the page read ptxas.json where there is no GPU: it must list every kernel on every arch."""
+    rows, _ = nvcc.committed_rows()
+    assert {(r.kernel, r.arch) for r in rows} == {(k, a) for names in KERNELS.values() for k in names
+                                                 for a in nvcc.ARCHS}
+    assert all(r.spill_stores == r.spill_loads == r.stack == 0 for r in rows)
+
+
+@needs_nvcc
+def test_the_committed_ptxas_table_is_what_nvcc_reports_now():
+    """A kernel edit that changes its registers must come with `python -m bnref.cuda.nvcc --write`."""
+    rows, release = nvcc.committed_rows()
+    if release != nvcc.nvcc_release():
+        pytest.skip(f"the table was written by nvcc {release}, this machine has {nvcc.nvcc_release()}")
+    assert sorted(nvcc.report()) == sorted(rows), "stale ptxas.json: run python -m bnref.cuda.nvcc --write"
 
 
 @needs_nvcc
@@ -97,11 +122,20 @@ def test_kernel_sources_are_self_contained_and_name_every_kernel():
     for file, names in KERNELS.items():
         text = kernel_source(file)
         assert "#include" not in text, f"{file}: NVRTC gets one string, headers pasted in"
-        defined = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(256\)\n(\w+)\(', text))
-        assert defined == set(names), file
-    used = {f"bn_forward_stats_{k}" for k in ("ncs", "mc")} | {f"bn_backward_reduce_{k}" for k in ("ncs", "mc")}
+        bounds = r'extern "C" __global__ void __launch_bounds__\(BN_THREADS, BN_BLOCKS_PER_SM\)\n(\w+)\('
+        assert set(re.findall(bounds, text)) == set(names), f"{file}: every kernel states its launch bounds"
+    used = {f"{stem}_ncs{v}" for stem in ("bn_forward_stats", "bn_backward_reduce") for v in ("", "_vec4")}
+    used |= {f"{stem}_mc" for stem in ("bn_forward_stats", "bn_backward_reduce")}
     used |= {f"{stem}_{k}{v}" for stem in ("bn_affine", "bn_backward_dx") for k in ("ncs", "mc") for v in ("", "_vec4")}
     assert used <= {n for names in KERNELS.values() for n in names}
+
+
+def test_the_header_and_the_planner_agree_on_their_constants():
+    """plan.py computes the split the kernels compute: the constants they share must be equal."""
+    header = dict(re.findall(r"^#define (BN_\w+) (\d+)", bnref.cuda.raw_source("bn_common.cuh"), re.M))
+    assert int(header["BN_THREADS"]) == plan.THREADS
+    assert int(header["BN_CHUNK"]) == plan.CHUNK
+    assert int(header["BN_LOAD_BYTES"]) == plan.LOAD_BYTES
 
 
 def test_ptxas_report_parser():
@@ -117,20 +151,74 @@ BENCH_SHAPES = [(256, 4096), (8192, 4096), (32, 64, 56, 56), (256, 256, 14, 14),
                 (256, 64, 112, 112)]
 
 
+def planned_launches(shape, layout, gpu_name):
+    """Every launch the wrappers plan for ``shape`` on ``gpu_name`` (a key of plan.GPUS), aligned arrays:
+    (kernel name, Launch, slots of that kernel, values in the tensor)."""
+    lay = plan.layout_of(shape, layout)
+    red_vec = plan.vector_width(lay, True) if lay.kind == "ncs" else 1
+    ew_vec = plan.vector_width(lay, True)
+    out = []
+    for stem in ("bn_forward_stats", "bn_backward_reduce"):
+        name = f"{stem}_{lay.kind}" + ("_vec4" if red_vec == 4 else "")
+        slots = plan.resident_blocks(name, gpu_name)
+        out.append((name, plan.reduction_launch(lay, red_vec, slots), slots))
+    for stem in ("bn_affine", "bn_backward_dx"):
+        name = f"{stem}_{lay.kind}" + ("_vec4" if ew_vec == 4 else "")
+        slots = plan.resident_blocks(name, gpu_name)
+        out.append((name, plan.elementwise_launch(lay, ew_vec, slots), slots))
+    return out
+
+
+@pytest.mark.parametrize("gpu_name", ["H200", "T4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", BENCH_SHAPES)
+def test_every_grid_is_one_whole_wave_of_balanced_shares(shape, layout, gpu_name):
+    """Each grid has exactly as many blocks as the GPU holds at once (the kernel's occupancy from ptxas times
+    the SMs): no second, partial wave. Fewer blocks, in one wave, only where the work has fewer units than
+    slots, or (reductions) too few values for MIN_PER_THREAD per thread in every slot. And no block's share
+    exceeds another's by more than one unit (one chunk of 32 values or float4s, or one row of a column)."""
+    for name, launch, slots in planned_launches(shape, layout, gpu_name):
+        if launch.blocks < slots and launch.blocks < launch.units:
+            assert "reduce" in name or "stats" in name, f"{name}: {launch.blocks} blocks for {slots} slots"
+            thread_values = launch.units * (plan.CHUNK if "_ncs" in name else launch.block[0])
+            assert thread_values < slots * plan.THREADS * plan.MIN_PER_THREAD, f"{name}: needless partial wave"
+        elif launch.blocks < slots:
+            assert launch.blocks == launch.units, f"{name}: one unit per block, and still a slot to spare"
+        else:
+            assert launch.blocks == slots, f"{name}: {launch.blocks} blocks for {slots} slots"
+        shares = [hi - lo for lo, hi in map(launch.share, range(launch.blocks))]
+        assert sum(shares) == launch.units and max(shares) - min(shares) <= 1, name
+
+
+@pytest.mark.parametrize("shape,layout,blocks", TREE_CASES + [((1, 3, 5000), "NCHW", 40), ((64, 300), "NHWC", 13)])
+def test_the_segments_cover_every_unit_once_in_distinct_slots(shape, layout, blocks):
+    lay = plan.layout_of(shape, layout)
+    launch = plan.reduction_launch(lay, plan.vector_width(lay, True) if lay.kind == "ncs" else 1, 8, blocks)
+    segs = plan.segments(launch)
+    covered = np.zeros(launch.units, int)
+    for s in segs:
+        assert s.lo < s.hi <= launch.per_group
+        covered[s.group * launch.per_group + s.lo:s.group * launch.per_group + s.hi] += 1
+    assert np.all(covered == 1)
+    slots = [s.block + s.group for s in segs]
+    assert slots == sorted(set(slots)) and max(slots) < launch.partial_slots, "slot b + g is unique, in order"
+
+
+def test_occupancy_follows_the_registers_as_cuda_counts_them():
+    """The figures of the review: 32 registers -> 8 blocks of 256 per SM, 40 -> 6, 48 -> 5 on an H100/H200;
+    a T4 holds 4 such blocks whatever their registers (1024 threads per SM); shared memory can limit too."""
+    assert [plan.blocks_per_sm(r, 0, "sm_90") for r in (32, 40, 48, 64)] == [8, 6, 5, 4]
+    assert [plan.blocks_per_sm(r, 0, "sm_75") for r in (32, 48, 64)] == [4, 4, 4]
+    assert plan.blocks_per_sm(32, 48 * 1024, "sm_90") == 4
+
+
 @pytest.mark.parametrize("shape", BENCH_SHAPES + [(3, 5, 7, 11), (2, 7)])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_launch_shapes_are_legal_and_cover_the_tensor(shape, layout):
-    lay = plan.layout_of(shape, layout)
-    red = plan.reduction_launch(lay, sm_count=132)
-    assert red.G >= 1 and all(1 <= g <= plan.MAX_GRID_X for g in red.grid) and red.grid[1] <= plan.MAX_GRID_Y
-    assert np.prod(red.block) == plan.THREADS
-    for vec in (1, 4):
-        if (lay.S if lay.kind == "ncs" else lay.C) % vec:
-            continue
-        grid, (bx, by, _) = plan.elementwise_launch(lay, vec, sm_count=132)
-        assert bx % 32 == 0 and bx * by <= plan.THREADS and grid[1] <= plan.MAX_GRID_Y
-        width = (lay.S if lay.kind == "ncs" else lay.C) // vec
-        assert (grid[1] if lay.kind == "ncs" else grid[0]) * bx >= width
+def test_launch_shapes_are_legal(shape, layout):
+    for name, launch, slots in planned_launches(shape, layout, "H200"):
+        assert 1 <= launch.blocks <= min(slots, launch.units) and launch.grid[1:] == (1, 1)
+        bx, by, _ = launch.block
+        assert bx % 32 == 0 and bx * by == plan.THREADS, name
 
 
 # --- the mirror of the reduction tree --------------------------------------------------------
@@ -154,28 +242,28 @@ def test_shuffle_down_returns_its_own_value_past_the_last_lane():
     assert total == sum(range(32))  # lane 0 never sees a doubled lane
 
 
-@pytest.mark.parametrize("shape,layout,G", TREE_CASES)
-def test_mirror_of_the_forward_tree_matches_two_pass(shape, layout, G):
+@pytest.mark.parametrize("shape,layout,blocks", TREE_CASES)
+def test_mirror_of_the_forward_tree_matches_two_pass(shape, layout, blocks):
     rng = np.random.default_rng(sum(shape))
     x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
-    count, mean, m2 = mirror.reduce_moments(x, layout, G)
+    count, mean, m2 = mirror.reduce_moments(x, layout, blocks)
     axes = channel_axes(shape, layout)
     ref = x.astype(np.float64)
     assert np.all(count == ref.size // ref.shape[1 if layout == "NCHW" else -1]), "each value is visited once"
     np.testing.assert_allclose(mean, ref.mean(axes), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m2 / count, ref.var(axes), rtol=1e-5)
-    m, v, rstd = mirror.forward_stats(x, 1e-5, layout, G)
+    m, v, rstd = mirror.forward_stats(x, 1e-5, layout, blocks)
     np.testing.assert_allclose(rstd, 1 / np.sqrt(ref.var(axes) + 1e-5), rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape,layout,G", TREE_CASES[::2])
-def test_mirror_of_the_backward_tree_matches_float64_sums(shape, layout, G):
+@pytest.mark.parametrize("shape,layout,blocks", TREE_CASES[::2])
+def test_mirror_of_the_backward_tree_matches_float64_sums(shape, layout, blocks):
     rng = np.random.default_rng(len(shape))
     x = (1.0 + rng.standard_normal(shape)).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     axes = channel_axes(shape, layout)
     mean = x.astype(np.float64).mean(axes).astype(np.float32)
-    sum_dy, sum_dyxc = mirror.reduce_backward_sums(dy, x, mean, layout, G)
+    sum_dy, sum_dyxc = mirror.reduce_backward_sums(dy, x, mean, layout, blocks)
     centered = x.astype(np.float64) - np.expand_dims(mean, axes)
     prod = dy.astype(np.float64) * centered
     scale = np.abs(dy.astype(np.float64)).sum(axes)
@@ -230,7 +318,7 @@ def cp(request):
         import cupy
         yield cupy
         return
-    backend = emulator.CupyOnCpu(sm_count=4)
+    backend = emulator.CupyOnCpu(sm_count=4, blocks_per_sm=2)
     with gpu.use_backend(backend):
         yield backend
 
@@ -249,33 +337,44 @@ def _reference_forward(x, gamma, beta, eps=1e-5):
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("G", [None, 1, 3])
-def test_gpu_forward_matches_the_reference(cp, shape, G):
+@pytest.mark.parametrize("blocks", [None, 1, 3])
+def test_gpu_forward_matches_the_reference(cp, shape, blocks):
     x = _data(shape)
     C = shape[1]
     gamma, beta = _data((C,), 1.0, 0.3, 1), _data((C,), 0.0, 1.0, 2)
     out, cache = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta),
-                                                  blocks_per_channel=G)
+                                                  blocks=blocks)
     expected, _ = _reference_forward(x, gamma, beta)
     np.testing.assert_allclose(cp.asnumpy(out), expected, rtol=1e-4, atol=1e-4)
     axes = channel_axes(shape, "NCHW")
     np.testing.assert_allclose(cp.asnumpy(cache.mean), x.astype(np.float64).mean(axes), rtol=1e-5, atol=1e-5)
 
 
+def reduction_slots(cp, file, stem, shape, layout):
+    """The slots the wrappers plan the reduction ``stem`` of an aligned ``shape`` for, on backend ``cp``."""
+    lay = plan.layout_of(shape, layout)
+    vec = plan.vector_width(lay, True) if lay.kind == "ncs" else 1
+    return gpu._slots(cp, gpu._kernel(cp, file, f"{stem}_{lay.kind}" + ("_vec4" if vec == 4 else "")))
+
+
 def test_gpu_matches_the_mirror_to_float32_rounding(cp):
-    for shape, layout, G in TREE_CASES:
-        x = _data(shape, 3.0)
+    for shape, layout, blocks in TREE_CASES:
+        x, dy = _data(shape, 3.0), _data(shape, 0.0, 1.0, 3)
         C = shape[1] if layout == "NCHW" else shape[-1]
         _, cache = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), cp.ones(C, cp.float32), cp.zeros(C, cp.float32),
-                                                    layout=layout, blocks_per_channel=G)
-        mean, _, rstd = mirror.forward_stats(x, 1e-5, layout, G)
-        if isinstance(cp, emulator.CupyOnCpu):   # the same tree in the same float32 operations: to the bit
-            np.testing.assert_array_equal(cp.asnumpy(cache.mean), mean)
-            np.testing.assert_array_equal(cp.asnumpy(cache.rstd), rstd)
-            continue
-        # on a GPU, the same tree up to FMA contraction and __fdividef: agreement to a few float32 ulps
-        np.testing.assert_allclose(cp.asnumpy(cache.mean), mean, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(cp.asnumpy(cache.rstd), rstd, rtol=1e-5)
+                                                    layout=layout, blocks=blocks)
+        _, dgamma, dbeta = bnref.cuda.batchnorm_backward_gpu(cp.asarray(dy), cache, blocks=blocks)
+        slots = reduction_slots(cp, "bn_forward.cu", "bn_forward_stats", shape, layout)
+        mean, _, rstd = mirror.forward_stats(x, 1e-5, layout, blocks, slots)
+        slots = reduction_slots(cp, "bn_backward.cu", "bn_backward_reduce", shape, layout)
+        sum_dy, sum_dyxc = mirror.reduce_backward_sums(dy, x, cp.asnumpy(cache.mean), layout, blocks, slots)
+        got = [cp.asnumpy(a) for a in (cache.mean, cache.rstd, dbeta, dgamma)]
+        want = [mean, rstd, sum_dy, (sum_dyxc * cp.asnumpy(cache.rstd)).astype(np.float32)]
+        for g, w in zip(got, want):
+            if isinstance(cp, emulator.CupyOnCpu):   # the same tree in the same float32 operations: to the bit
+                np.testing.assert_array_equal(g, w, err_msg=f"{shape} {layout} blocks={blocks}")
+            else:   # on a GPU, the same tree up to FMA contraction and __fdividef: a few float32 ulps
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(w).max())))
 
 
 def test_gpu_running_stats_follow_torch(cp):
@@ -287,7 +386,7 @@ def test_gpu_running_stats_follow_torch(cp):
         with torch.no_grad():
             layer(torch.from_numpy(x.astype(np.float64)))
         bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), cp.ones(C, cp.float32), cp.zeros(C, cp.float32), rm, rv,
-                                         momentum=0.1, blocks_per_channel=2)
+                                         momentum=0.1, blocks=2)
     np.testing.assert_allclose(cp.asnumpy(rm), layer.running_mean.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cp.asnumpy(rv), layer.running_var.numpy(), rtol=1e-5,
                                err_msg="running_var averages the unbiased batch variance")
@@ -330,14 +429,60 @@ def test_gpu_inference_and_backward_match_the_reference(cp, shape):
 def test_gpu_results_are_deterministic_and_misaligned_input_works(cp):
     x = _data((8, 16, 20, 20))
     g, b = cp.ones(16, cp.float32), cp.zeros(16, cp.float32)
-    first, c1 = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b, blocks_per_channel=5)
-    second, c2 = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b, blocks_per_channel=5)
+    first, c1 = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b, blocks=5)
+    second, c2 = bnref.cuda.batchnorm_forward_gpu(cp.asarray(x), g, b, blocks=5)
     assert cp.array_equal(first, second) and cp.array_equal(c1.rstd, c2.rstd), "fixed merge order, counters reset"
     buf = cp.empty(x.size + 1, cp.float32)
     shifted = buf[1:].reshape(x.shape)                     # contiguous, but 4 bytes off a 16-byte boundary
     shifted[...] = cp.asarray(x)
     out, _ = bnref.cuda.batchnorm_forward_gpu(shifted, g, b)
     np.testing.assert_allclose(cp.asnumpy(out), cp.asnumpy(first), rtol=1e-6, atol=1e-6)
+
+
+def test_each_stream_and_host_thread_gets_its_own_arrival_counters(monkeypatch):
+    """Launches that may overlap (other streams, other host threads) must not share counters[0..C-1]; launches
+    on one stream run in order and may. A stream's counters go when the stream does."""
+    backend = emulator.CupyOnCpu()
+    monkeypatch.setattr(gpu, "_COUNTERS", weakref.WeakKeyDictionary())
+
+    current = []
+    monkeypatch.setattr(backend.cuda, "get_current_stream", lambda: current[-1])
+
+    def counters_on(stream):
+        current.append(stream)
+        counters = gpu._counters(backend, 64)
+        current.pop()
+        return counters
+
+    a, b = emulator.Stream(), emulator.Stream()
+    first = counters_on(a)
+    assert counters_on(a) is first and counters_on(b) is not first
+    other = []
+    worker = threading.Thread(target=lambda: other.append(counters_on(a)))
+    worker.start()
+    worker.join()
+    assert other[0] is not first
+    del b
+    gc.collect()
+    assert len(gpu._COUNTERS) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here: cupy.is_available() is False")
+def test_the_drivers_occupancy_is_the_planners_rule_on_the_compiled_kernels():
+    """On a GPU the grids are sized by the driver's occupancy of each compiled kernel; where the architecture
+    is one plan.SM_LIMITS knows, it must equal the rule the page and the tests use with ptxas' numbers."""
+    import cupy
+
+    arch = f"sm_{cupy.cuda.Device().compute_capability}"
+    if arch not in plan.SM_LIMITS:
+        pytest.skip(f"{arch} is not in plan.SM_LIMITS")
+    for file, names in KERNELS.items():
+        for name in names:
+            kernel = gpu._kernel(cupy, file, name)
+            regs, smem = kernel.num_regs, kernel.shared_size_bytes
+            per_sm = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, plan.THREADS, 0)
+            assert per_sm == plan.blocks_per_sm(regs, smem, arch), f"{name}: {regs} registers, {smem} B smem"
 
 
 def test_gpu_simple_two_pass_reduction(cp):
@@ -360,27 +505,53 @@ def test_benchmark_exits_with_a_message_and_writes_nothing_without_a_gpu(tmp_pat
 
 
 def test_roofline_helpers_draw_a_results_file_schema(tmp_path):
-    """The page's plotting code on a made-up results dict (schema only; never written to disk)."""
+    """The page's plotting code on made-up results dicts (schema only; never written to disk): the rows
+    benchmarks/gpu_batchnorm.py writes now (layouts, host time, effective GB/s, L2 flag, torch's kernels),
+    and rows of the first schema, without those columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fake = {"device": "schema test", "date": "-", "copy_gbps": 100.0, "repeats": 1, "rows": []}
+    fake = {"device": "schema test", "date": "-", "copy_gbps": 100.0, "repeats": 1, "method": "made up", "rows": []}
+    old = {"device": "first schema", "date": "-", "copy_gbps": 100.0, "repeats": 1, "rows": []}
     for shape in [(4, 8), (2, 3, 4, 4)]:
         numel = int(np.prod(shape))
         for p in roofline.PASSES:
             floor = roofline.floor_ms(numel, p, fake["copy_gbps"])
-            fake["rows"].append({"shape": list(shape), "pass": p, "ours_ms": 2 * floor, "floor_ms": floor,
-                                 "ours_over_floor": 2.0, "ours_gbps": roofline.nominal_gbps(numel, p, 2 * floor),
-                                 "ours_pct_copy": 1.0, "torch_cudnn_ms": None})
-    assert "schema test" in roofline.results_table(fake)
+            row = {"shape": list(shape), "pass": p, "ours_ms": 2 * floor, "floor_ms": floor, "ours_over_floor": 2.0,
+                   "ours_gbps": roofline.nominal_gbps(numel, p, 2 * floor), "ours_pct_copy": 1.0,
+                   "torch_cudnn_ms": None}
+            old["rows"].append(row)
+            for layout in ("NCHW", "NHWC") if len(shape) == 4 else ("NCHW",):
+                fake["rows"].append({**row, "layout": layout, "ours_host_us": 30.0, "gaps_hidden": True,
+                                     "ours_eff_gbps": roofline.effective_gbps(numel, p, 2 * floor),
+                                     "l2_resident": roofline.l2_resident(numel, p, 50 << 20),
+                                     "torch_cudnn_ms": 3 * floor, "torch_cudnn_over_ours": 1.5,
+                                     "torch_cudnn_kernels": ["void cudnn::bn_fw_tr_1C11_kernel_NCHW<float>()"]
+                                     if len(shape) > 2 else ["void at::native::batch_norm_collect_statistics()"],
+                                     "torch_native_ms": 4 * floor, "torch_native_over_ours": 2.0,
+                                     "torch_native_kernels": ["void at::native::batch_norm_collect_statistics()"]})
+    table = roofline.results_table(fake)
+    assert "schema test" in table and "2×3×4×4 NHWC" in table and " L2 " in table
+    assert " cuDNN " in table and " native " in table, "what torch ran with cuDNN enabled: cuDNN only from 3-D"
+    assert "first schema" in roofline.results_table(old)
     fig, ax = plt.subplots()
-    roofline.plot_results([fake], ax)
+    roofline.plot_results([fake, old], ax)
     roofline.plot_floors([(4, 8)], ax)
     plt.close(fig)
     assert roofline.load_results(tmp_path) == []
     assert roofline.floor_ms(10**9, "backward", 1000.0) == pytest.approx(20.0)
+    assert roofline.effective_gbps(10**9, "forward_train", 12.0) == pytest.approx(1000.0)
+    assert roofline.l2_resident(10**6, "forward_train", 50 << 20)
+    assert not roofline.l2_resident(10**8, "backward", 50 << 20)
+    assert not roofline.l2_resident(10, "forward_inference", 50 << 20), "inference reads x once: its floor holds"
+
+
+def test_littles_law_and_the_kernels_bytes_in_flight():
+    """4.8 TB/s x 700 ns over 132 SMs is about 25 KB per SM; 6 resident blocks of 256 threads x 32 B are 48 KB."""
+    assert roofline.bytes_in_flight_needed(4800, 700, 132) == pytest.approx(25454, rel=1e-3)
+    assert roofline.bytes_in_flight("bn_forward_stats_ncs_vec4", "H200") == 6 * 256 * 32
 
 
 def test_every_committed_gpu_results_file_is_drawable_by_the_page():

@@ -9,13 +9,15 @@
 // about |mean| * 6e-8, the spacing of float32 numbers near x: x itself carried
 // that much error already.
 //
-// No integer division per element: the launch is 2-D.
-//   bn_affine_ncs[_vec4]  x is (N*C, S) rows, S = H * W; blockIdx.x * blockDim.y
-//                         + threadIdx.y picks a row (one channel, c = row % C,
-//                         computed once per row), threads along x walk its S values.
-//   bn_affine_mc[_vec4]   x is (M, C), channels last; a thread owns a fixed channel
-//                         (or 4 consecutive ones) and walks down the rows, so its
-//                         a and b stay in registers.
+// Both layouts run a persistent grid whose blocks get equal shares within one unit (bn_common.cuh), and no
+// integer division per element:
+//   bn_affine_ncs[_vec4]  x is (N*C, S) rows, S = H * W, walked flat: the units are chunks of BN_CHUNK
+//                         values (float4s) of the whole tensor, and thread t of a block visits
+//                         i = lo + t + k * blockDim.x of its share. RowChannel follows the channel of i,
+//                         and a and b are folded again only when it changes.
+//   bn_affine_mc[_vec4]   x is (M, C), channels last, with 2-D blocks (bx, by): the units are the rows of
+//                         a column of bx channels (or float4s of 4 channels); a thread owns one channel (4)
+//                         of a segment and walks down its rows, so its a and b stay in registers.
 // The _vec4 variants move float4s; the caller uses them when the row length
 // (S, or C) is a multiple of 4 and the pointers are 16-byte aligned.
 #include "bn_common.cuh"
@@ -38,32 +40,40 @@ __device__ __forceinline__ float4 axpb(float4 x, float4 a, float4 b) {
     return make_float4(fmaf(x.x, a.x, b.x), fmaf(x.y, a.y, b.y), fmaf(x.z, a.z, b.z), fmaf(x.w, a.w, b.w));
 }
 
-// NCS: T is float or float4; Sv is the row length in units of T.
+// NCS: T is float or float4; S is the row length in units of T.
 template <class T>
-__device__ __forceinline__ void affine_rows(const T* __restrict__ x, T* __restrict__ y, long long R, int C, int Sv,
+__device__ __forceinline__ void affine_rows(const T* __restrict__ x, T* __restrict__ y, long long R, int C, int S,
                                             const float* __restrict__ mean, const float* __restrict__ stat,
                                             const float* __restrict__ gamma, const float* __restrict__ beta,
                                             float eps, int stat_is_var) {
-    for (long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y; row < R;
-         row += (long long)gridDim.x * blockDim.y) {
-        float a, b;
-        fold_channel((int)(row % C), mean, stat, gamma, beta, eps, stat_is_var, a, b);
-        const T* __restrict__ xr = x + row * Sv;
-        T* __restrict__ yr = y + row * Sv;
-        for (int s = blockIdx.y * blockDim.x + threadIdx.x; s < Sv; s += gridDim.y * blockDim.x) {
-            yr[s] = axpb(xr[s], a, b);
-        }
-    }
+    const long long total = R * S, chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
+    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK, hi = end < total ? end : total;
+    const long long i = split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x;
+    if (i >= hi) return;
+    const int stride = blockDim.x;
+    RowChannel at(i, stride, S, C);
+    int c = -1;
+    float a = 0.0f, b = 0.0f;
+    walk_strided<Unroll<T, 1>::value, T>(
+        i, hi, stride, i, stride, [&](long long n) { return x[n]; },
+        [&](long long n, T v) {   // y[n] for the unit n the walk is at, then step the walk
+            if (at.c != c) {
+                c = at.c;
+                fold_channel(c, mean, stat, gamma, beta, eps, stat_is_var, a, b);
+            }
+            y[n] = axpb(v, a, b);
+            at.advance();
+        });
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_affine_ncs(const float* __restrict__ x, float* __restrict__ y, long long R, int C, int S,
               const float* __restrict__ mean, const float* __restrict__ stat,
               const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
     affine_rows<float>(x, y, R, C, S, mean, stat, gamma, beta, eps, stat_is_var);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_affine_ncs_vec4(const float4* __restrict__ x, float4* __restrict__ y, long long R, int C, int S4,
                    const float* __restrict__ mean, const float* __restrict__ stat,
                    const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
@@ -87,28 +97,34 @@ __device__ __forceinline__ void fold_lanes(int cv, const float* __restrict__ mea
 }
 
 template <class T>
-__device__ __forceinline__ void affine_cols(const T* __restrict__ x, T* __restrict__ y, long long M, int Cv,
+__device__ __forceinline__ void affine_cols(const T* __restrict__ x, T* __restrict__ y, int M, int Cv,
                                             const float* __restrict__ mean, const float* __restrict__ stat,
                                             const float* __restrict__ gamma, const float* __restrict__ beta,
                                             float eps, int stat_is_var) {
-    const int cv = blockIdx.x * blockDim.x + threadIdx.x;
-    if (cv >= Cv) return;
-    T a, b;
-    fold_lanes(cv, mean, stat, gamma, beta, eps, stat_is_var, a, b);
-    for (long long m = (long long)blockIdx.y * blockDim.y + threadIdx.y; m < M; m += (long long)gridDim.y * blockDim.y) {
-        y[m * Cv + cv] = axpb(x[m * Cv + cv], a, b);
+    const int by = blockDim.y;
+    BlockWork work((long long)((Cv + blockDim.x - 1) / blockDim.x) * M, M);
+    Segment seg;
+    while (work.next(seg)) {
+        const int cv = seg.group * blockDim.x + threadIdx.x;
+        if (cv >= Cv) continue;
+        T a, b;
+        fold_lanes(cv, mean, stat, gamma, beta, eps, stat_is_var, a, b);
+        const int m = seg.lo + threadIdx.y;
+        walk_strided<Unroll<T, 1>::value, T>(m, seg.hi, by, (long long)m * Cv + cv, (long long)by * Cv,
+                                             [&](long long i) { return x[i]; },
+                                             [&](long long i, T v) { y[i] = axpb(v, a, b); });
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-bn_affine_mc(const float* __restrict__ x, float* __restrict__ y, long long M, int C,
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
+bn_affine_mc(const float* __restrict__ x, float* __restrict__ y, int M, int C,
              const float* __restrict__ mean, const float* __restrict__ stat,
              const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
     affine_cols<float>(x, y, M, C, mean, stat, gamma, beta, eps, stat_is_var);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-bn_affine_mc_vec4(const float4* __restrict__ x, float4* __restrict__ y, long long M, int C4,
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
+bn_affine_mc_vec4(const float4* __restrict__ x, float4* __restrict__ y, int M, int C4,
                   const float* __restrict__ mean, const float* __restrict__ stat,
                   const float* __restrict__ gamma, const float* __restrict__ beta, float eps, int stat_is_var) {
     affine_cols<float4>(x, y, M, C4, mean, stat, gamma, beta, eps, stat_is_var);

@@ -5,17 +5,15 @@
 //     dgamma = sum dy * x_hat = rstd * sum dy * (x - mean)
 //     dx     = gamma * rstd / M * (M * dy - dbeta - x_hat * dgamma)
 // 1. bn_backward_reduce_*: one read of dy and x gives both sums per channel,
-//    reduced with the same tree as the forward statistics (thread, warp,
-//    block, and the last of the channel's G blocks), whose finalizer writes
+//    reduced with the same tree and the same persistent grid as the forward statistics (thread, warp,
+//    block, and the last of the blocks that share the channel), whose finalizer writes
 //    dgamma, dbeta and three coefficients
 //        k = gamma * rstd,  kx = -k * rstd * dgamma / M,  k0 = -k * dbeta / M
 // 2. bn_backward_dx_*: dx = dy * k + (x - mean) * kx + k0, one elementwise pass.
 // x - mean costs one subtraction and keeps the centring exact (no cancellation
 // between x * kx and mean * kx when |mean| >> std).
-// Layouts and launch shapes are those of bn_forward.cu and bn_affine.cu.
+// Layouts, units and launch shapes are those of bn_forward.cu and bn_affine.cu.
 #include "bn_common.cuh"
-
-#define BN_UNROLL 4
 
 // Runs in one thread per channel. coef holds 3 rows of C: k, kx, k0.
 __device__ __forceinline__ void finalize_backward(Sums2 s, int c, int C, long long M,
@@ -33,79 +31,113 @@ __device__ __forceinline__ void finalize_backward(Sums2 s, int c, int C, long lo
     coef[2 * C + c] = -k * s.a / (float)M;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+// Adds (g, g * (v - mean)) for the 1 or 4 values of a float or float4, in order.
+__device__ __forceinline__ void push(Sums2& acc, float g, float v, float mean) {
+    acc.a += g;
+    acc.b += g * (v - mean);
+}
+__device__ __forceinline__ void push(Sums2& acc, float4 g, float4 v, float mean) {
+    push(acc, g.x, v.x, mean);
+    push(acc, g.y, v.y, mean);
+    push(acc, g.z, v.z, mean);
+    push(acc, g.w, v.w, mean);
+}
+
+// The two elements, of dy and of x, a thread loads at one address.
+template <class T>
+struct Pair {
+    T g, v;
+};
+
+template <class T>
+__device__ __forceinline__ Pair<T> load_pair(const T* __restrict__ dy, const T* __restrict__ x, long long i) {
+    Pair<T> p;
+    p.g = __ldg(dy + i);
+    p.v = __ldg(x + i);
+    return p;
+}
+
+// smem: the kernel's __shared__ Sums2[BN_WARP] (see forward_stats_ncs in bn_forward.cu).
+template <class T>
+__device__ __forceinline__ void backward_reduce_ncs(const T* __restrict__ dy, const T* __restrict__ x, int N, int C,
+                                                    int S, const float* __restrict__ save_mean,
+                                                    const float* __restrict__ save_rstd,
+                                                    const float* __restrict__ gamma, float* __restrict__ dgamma,
+                                                    float* __restrict__ dbeta, float* __restrict__ coef,
+                                                    float* __restrict__ partials,
+                                                    unsigned int* __restrict__ counters, Sums2* smem) {
+    const long long L = (long long)N * S;
+    const int Q = (int)((L + BN_CHUNK - 1) / BN_CHUNK);          // chunks per channel
+    const long long units = (long long)Q * C;
+    const long long values = L * (long long)(sizeof(T) / sizeof(float));   // M of the formulas
+    BlockWork work(units, Q);
+    Segment seg;
+    while (work.next(seg)) {
+        const int c = seg.group;
+        const int hi = (long long)seg.hi * BN_CHUNK < L ? seg.hi * BN_CHUNK : (int)L;
+        const float mean = save_mean[c];
+        Sums2 acc = identity(Sums2());
+        walk_channel<Unroll<T, 2>::value, Pair<T>>(
+            C, S, c, seg.lo * BN_CHUNK + (int)threadIdx.x, hi, [&](long long i) { return load_pair(dy, x, i); },
+            [&](Pair<T> p) { push(acc, p.g, p.v, mean); });
+        acc = block_reduce_1d(acc, smem);
+        const Sharing sh = sharing(units, Q, c);
+        if (sh.count > 1 && !merge_blocks_1d(acc, smem, partials, counters + c, sh, blockIdx.x + c)) continue;
+        if (threadIdx.x == 0) finalize_backward(acc, c, C, values, save_rstd, gamma, dgamma, dbeta, coef);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_reduce_ncs(const float* __restrict__ dy, const float* __restrict__ x, int N, int C, int S,
                        const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
                        const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
                        float* __restrict__ coef, float* __restrict__ partials, unsigned int* __restrict__ counters) {
     __shared__ Sums2 smem[BN_WARP];
-    const int c = blockIdx.y;
-    const unsigned int G = gridDim.x;
-    const long long L = (long long)N * S;
-    const long long stride = (long long)G * blockDim.x;
-    const float mean = save_mean[c];
-    long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-
-    Sums2 acc = identity(Sums2());
-    if (j < L) {
-        ChannelWalk walk(j, stride, C, S, c);
-        for (; j < L; j += BN_UNROLL * stride) {
-            float g[BN_UNROLL], v[BN_UNROLL];
-#pragma unroll
-            for (int u = 0; u < BN_UNROLL; ++u) {
-                const bool in = j + u * stride < L;
-                g[u] = in ? __ldg(dy + walk.offset) : 0.0f;
-                v[u] = in ? __ldg(x + walk.offset) : mean;
-                walk.advance();
-            }
-#pragma unroll
-            for (int u = 0; u < BN_UNROLL; ++u) {
-                acc.a += g[u];
-                acc.b += g[u] * (v[u] - mean);
-            }
-        }
-    }
-    acc = block_reduce_1d(acc, smem);
-    if (G > 1 && !merge_blocks_1d(acc, smem, partials, counters + c, (long long)c * G, blockIdx.x, G)) return;
-    if (threadIdx.x == 0) finalize_backward(acc, c, C, L, save_rstd, gamma, dgamma, dbeta, coef);
+    backward_reduce_ncs<float>(dy, x, N, C, S, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials, counters,
+                               smem);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
+bn_backward_reduce_ncs_vec4(const float4* __restrict__ dy, const float4* __restrict__ x, int N, int C, int S4,
+                            const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
+                            const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                            float* __restrict__ coef, float* __restrict__ partials,
+                            unsigned int* __restrict__ counters) {
+    __shared__ Sums2 smem[BN_WARP];
+    backward_reduce_ncs<float4>(dy, x, N, C, S4, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials,
+                                counters, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_reduce_mc(const float* __restrict__ dy, const float* __restrict__ x, int M, int C,
                       const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
                       const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
                       float* __restrict__ coef, float* __restrict__ partials, unsigned int* __restrict__ counters) {
-    __shared__ Sums2 smem[256];
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const bool has_channel = c < C;
-    const unsigned int G = gridDim.y;
+    __shared__ Sums2 smem[BN_THREADS];
     const int by = blockDim.y;
-    const long long stride = (long long)G * by;
-
-    Sums2 acc = identity(Sums2());
-    if (has_channel) {
-        const float mean = save_mean[c];
-        for (long long row = (long long)blockIdx.y * by + threadIdx.y; row < M; row += BN_UNROLL * stride) {
-            float g[BN_UNROLL], v[BN_UNROLL];
-#pragma unroll
-            for (int u = 0; u < BN_UNROLL; ++u) {
-                const long long r = row + u * stride;
-                g[u] = r < M ? __ldg(dy + r * C + c) : 0.0f;
-                v[u] = r < M ? __ldg(x + r * C + c) : mean;
-            }
-#pragma unroll
-            for (int u = 0; u < BN_UNROLL; ++u) {
-                acc.a += g[u];
-                acc.b += g[u] * (v[u] - mean);
-            }
+    const long long units = (long long)((C + blockDim.x - 1) / blockDim.x) * M;
+    BlockWork work(units, M);
+    Segment seg;
+    while (work.next(seg)) {
+        const int c = seg.group * blockDim.x + threadIdx.x;
+        const bool has_channel = c < C;
+        Sums2 acc = identity(Sums2());
+        if (has_channel) {
+            const float mean = save_mean[c];
+            const int row = seg.lo + threadIdx.y;
+            walk_strided<Unroll<float, 2>::value, Pair<float>>(
+                row, seg.hi, by, (long long)row * C + c, (long long)by * C,
+                [&](long long i) { return load_pair(dy, x, i); },
+                [&](long long, Pair<float> p) { push(acc, p.g, p.v, mean); });
         }
+        acc = block_reduce_rows(acc, smem);
+        const Sharing sh = sharing(units, M, seg.group);
+        if (sh.count > 1 &&
+            !merge_blocks_rows(acc, smem, partials, counters + seg.group, sh, blockIdx.x + seg.group, has_channel)) {
+            continue;
+        }
+        if (threadIdx.y == 0 && has_channel) finalize_backward(acc, c, C, M, save_rstd, gamma, dgamma, dbeta, coef);
     }
-    acc = block_reduce_rows(acc, smem);
-    if (G > 1 && !merge_blocks_rows(acc, smem, partials, counters + blockIdx.x, (long long)c * G, has_channel,
-                                    blockIdx.y, G)) {
-        return;
-    }
-    if (threadIdx.y == 0 && has_channel) finalize_backward(acc, c, C, M, save_rstd, gamma, dgamma, dbeta, coef);
 }
 
 // dx = dy * k + (x - mean) * kx + k0, with scalar or float4 coefficients.
@@ -118,41 +150,53 @@ __device__ __forceinline__ float4 dx_value(float4 g, float4 v, float4 k, float4 
                        dx_value(g.z, v.z, k.z, kx.z, k0.z, mean.z), dx_value(g.w, v.w, k.w, kx.w, k0.w, mean.w));
 }
 
-// A per-channel coefficient, as a scalar or repeated in the 4 lanes of a float4.
-template <class T> __device__ __forceinline__ T splat(float v);
-template <> __device__ __forceinline__ float splat<float>(float v) { return v; }
-template <> __device__ __forceinline__ float4 splat<float4>(float v) { return make_float4(v, v, v, v); }
-
-template <class T>
-__device__ __forceinline__ void dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                        long long R, int C, int Sv, const float* __restrict__ save_mean,
-                                        const float* __restrict__ coef) {
-    for (long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y; row < R;
-         row += (long long)gridDim.x * blockDim.y) {
-        const int c = (int)(row % C);   // once per row, not per element
-        const T k = splat<T>(coef[c]), kx = splat<T>(coef[C + c]), k0 = splat<T>(coef[2 * C + c]);
-        const T mean = splat<T>(save_mean[c]);
-        for (int s = blockIdx.y * blockDim.x + threadIdx.x; s < Sv; s += gridDim.y * blockDim.x) {
-            const long long i = row * Sv + s;
-            dx[i] = dx_value(dy[i], x[i], k, kx, k0, mean);
-        }
-    }
+__device__ __forceinline__ float4 dx_value(float4 g, float4 v, float k, float kx, float k0, float mean) {
+    return make_float4(dx_value(g.x, v.x, k, kx, k0, mean), dx_value(g.y, v.y, k, kx, k0, mean),
+                       dx_value(g.z, v.z, k, kx, k0, mean), dx_value(g.w, v.w, k, kx, k0, mean));
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+// NCS: dy, x, dx are (N*C, S) rows of T, walked flat as in bn_affine.cu: block b owns chunks of BN_CHUNK
+// units, thread t the units i = lo + t + k * blockDim.x of them; the channel follows the walk (RowChannel),
+// and the coefficients are reloaded only when it changes.
+template <class T>
+__device__ __forceinline__ void dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                        long long R, int C, int S, const float* __restrict__ save_mean,
+                                        const float* __restrict__ coef) {
+    const long long total = R * S, chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
+    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK, hi = end < total ? end : total;
+    const long long i = split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x;
+    if (i >= hi) return;
+    const int stride = blockDim.x;
+    RowChannel at(i, stride, S, C);
+    int c = -1;
+    float k = 0.0f, kx = 0.0f, k0 = 0.0f, mean = 0.0f;
+    walk_strided<Unroll<T, 2>::value, Pair<T>>(
+        i, hi, stride, i, stride, [&](long long n) { return load_pair(dy, x, n); },
+        [&](long long n, Pair<T> p) {   // dx[n] for the unit n the walk is at, then step the walk
+            if (at.c != c) {
+                c = at.c;
+                k = coef[c], kx = coef[C + c], k0 = coef[2 * C + c], mean = save_mean[c];
+            }
+            dx[n] = dx_value(p.g, p.v, k, kx, k0, mean);
+            at.advance();
+        });
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_ncs(const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
                    long long R, int C, int S, const float* __restrict__ save_mean, const float* __restrict__ coef) {
     dx_rows<float>(dy, x, dx, R, C, S, save_mean, coef);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_ncs_vec4(const float4* __restrict__ dy, const float4* __restrict__ x, float4* __restrict__ dx,
                         long long R, int C, int S4, const float* __restrict__ save_mean,
                         const float* __restrict__ coef) {
     dx_rows<float4>(dy, x, dx, R, C, S4, save_mean, coef);
 }
 
-// MC: a thread owns channel cv (float) or channels 4cv..4cv+3 (float4) and walks down the rows.
+// MC: a thread owns channel cv (float) or channels 4cv..4cv+3 (float4) of a segment of a column and walks
+// down its rows, the coefficients in registers.
 __device__ __forceinline__ float lanes(const float* __restrict__ v, int cv, float) { return v[cv]; }
 __device__ __forceinline__ float4 lanes(const float* __restrict__ v, int cv, float4) {
     return make_float4(v[4 * cv], v[4 * cv + 1], v[4 * cv + 2], v[4 * cv + 3]);
@@ -160,27 +204,31 @@ __device__ __forceinline__ float4 lanes(const float* __restrict__ v, int cv, flo
 
 template <class T>
 __device__ __forceinline__ void dx_cols(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                        long long M, int Cv, const float* __restrict__ save_mean,
+                                        int M, int Cv, const float* __restrict__ save_mean,
                                         const float* __restrict__ coef) {
-    const int cv = blockIdx.x * blockDim.x + threadIdx.x;
-    if (cv >= Cv) return;
-    const int C = Cv * (int)(sizeof(T) / sizeof(float));
-    const T k = lanes(coef, cv, T()), kx = lanes(coef + C, cv, T()), k0 = lanes(coef + 2 * C, cv, T());
-    const T mean = lanes(save_mean, cv, T());
-    for (long long m = (long long)blockIdx.y * blockDim.y + threadIdx.y; m < M; m += (long long)gridDim.y * blockDim.y) {
-        const long long i = m * Cv + cv;
-        dx[i] = dx_value(dy[i], x[i], k, kx, k0, mean);
+    const int C = Cv * (int)(sizeof(T) / sizeof(float)), by = blockDim.y;
+    BlockWork work((long long)((Cv + blockDim.x - 1) / blockDim.x) * M, M);
+    Segment seg;
+    while (work.next(seg)) {
+        const int cv = seg.group * blockDim.x + threadIdx.x;
+        if (cv >= Cv) continue;
+        const T k = lanes(coef, cv, T()), kx = lanes(coef + C, cv, T()), k0 = lanes(coef + 2 * C, cv, T());
+        const T mean = lanes(save_mean, cv, T());
+        const int m = seg.lo + threadIdx.y;
+        walk_strided<Unroll<T, 2>::value, Pair<T>>(
+            m, seg.hi, by, (long long)m * Cv + cv, (long long)by * Cv, [&](long long i) { return load_pair(dy, x, i); },
+            [&](long long i, Pair<T> p) { dx[i] = dx_value(p.g, p.v, k, kx, k0, mean); });
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_mc(const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
-                  long long M, int C, const float* __restrict__ save_mean, const float* __restrict__ coef) {
+                  int M, int C, const float* __restrict__ save_mean, const float* __restrict__ coef) {
     dx_cols<float>(dy, x, dx, M, C, save_mean, coef);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_mc_vec4(const float4* __restrict__ dy, const float4* __restrict__ x, float4* __restrict__ dx,
-                       long long M, int C4, const float* __restrict__ save_mean, const float* __restrict__ coef) {
+                       int M, int C4, const float* __restrict__ save_mean, const float* __restrict__ coef) {
     dx_cols<float4>(dy, x, dx, M, C4, save_mean, coef);
 }

@@ -1,18 +1,111 @@
-// bn_common.cuh: the merge primitives every batch-norm kernel of chapter 5 shares.
+// bn_common.cuh: what every batch-norm kernel of chapter 5 shares: launch bounds, the work split of the
+// persistent grids, the merge primitives and the reduction tree.
+//
+// Work split. Every kernel but the simple bn_channel_moments_ncs runs a persistent grid: P = gridDim.x blocks,
+// at most as many as the GPU holds at once, so there is never a second, partial wave. The work is T units
+// numbered group by group, Q units per group (the chunks of BN_CHUNK values or float4s of one channel, or the
+// rows of one column of channels), and block b owns the units [floor(b T / P), floor((b + 1) T / P)): the
+// blocks' shares differ by at most one unit. A share that crosses a group boundary is handled piece by piece
+// (one Segment per group).
 //
 // A per-channel statistic is reduced in four levels, always in the same order:
-//   1. each thread folds its own elements in sequentially (Welford's update, or a plain sum);
+//   1. each thread folds its elements of a segment in sequentially (Welford's update, or a plain sum);
 //   2. the 32 lanes of a warp merge with __shfl_down_sync at offsets 16, 8, 4, 2, 1
 //      (lane i takes lane i + offset as its right-hand operand);
-//   3. the warps (or the rows of a 2-D block) merge through shared memory;
-//   4. the blocks of one channel merge in the last block to finish (grid level).
-// bnref/cuda/mirror.py replays exactly this tree in NumPy; keep the two in step.
+//   3. the warps (or the rows of a 2-D block) merge through shared memory: one partial per segment;
+//   4. the partials of a group's segments merge in block order, in the last block to finish one (grid level).
+// bnref/cuda/plan.py computes the same split and bnref/cuda/mirror.py replays exactly this tree in NumPy;
+// keep the three in step.
 //
 // Compiled by NVRTC (through CuPy) and by nvcc (tests): no standard headers.
 #pragma once
 
 #define BN_FULL_MASK 0xffffffffu
 #define BN_WARP 32
+#define BN_THREADS 256   // threads per block, every kernel
+#define BN_CHUNK 32      // ncs work unit: 32 consecutive values (or float4s) of a channel, one warp's load
+#define BN_LOAD_BYTES 32 // bytes a thread loads per step, over the arrays it streams, before it uses any
+
+// The resident blocks per SM every kernel is compiled for: __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
+// makes ptxas fit the registers to that many blocks (or report a spill). 6 blocks of 256 threads, each
+// thread with BN_LOAD_BYTES in flight, keep 48 KB per SM in flight, more than Little's law asks of an H100 or
+// H200 (bandwidth x latency / SMs, about 25-35 KB), and leave 40 registers per thread; 8 blocks would leave
+// 32 and make most kernels spill. Turing's SM (sm_75: T4) holds 1024 threads: 4 blocks, 64 registers.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define BN_BLOCKS_PER_SM 4
+#else
+#define BN_BLOCKS_PER_SM 6
+#endif
+
+// Loads of T per step and array, for a kernel that streams `arrays` arrays, so that a step loads
+// BN_LOAD_BYTES: 8 floats or 2 float4s from one array, 4 floats or 1 float4 from each of two.
+template <class T, int arrays>
+struct Unroll {
+    static const int value = BN_LOAD_BYTES / (arrays * (int)sizeof(T));
+};
+
+template <class T> __device__ __forceinline__ T zero();
+template <> __device__ __forceinline__ float zero<float>() { return 0.0f; }
+template <> __device__ __forceinline__ float4 zero<float4>() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
+// ---------------------------------------------------------------------------
+// The work split (see the top of this file).
+// ---------------------------------------------------------------------------
+
+// The first unit of block b's share of T units: floor(b T / P).
+__device__ __forceinline__ long long split_point(long long T, unsigned int b) {
+    return (long long)((unsigned long long)T * b / gridDim.x);
+}
+
+// The block whose share holds unit k: the largest b with split_point(T, b) <= k.
+__device__ __forceinline__ unsigned int owner(long long T, long long k) {
+    return (unsigned int)(((unsigned long long)(k + 1) * gridDim.x - 1) / (unsigned long long)T);
+}
+
+// One group's part of a block's share: units [lo, hi), counted from the group's first unit. A channel has at
+// most 2^31 - 2^10 values (the wrappers check it), so 32 bits hold these and a thread's index one step past
+// them; only the flat numbering needs 64.
+struct Segment {
+    int group, lo, hi;
+};
+
+// The segments of this block's share, in order: while (work.next(seg)) { ... }.
+struct BlockWork {
+    long long k, end;  // next unit of the share, and its end
+    int Q;             // units per group
+
+    __device__ __forceinline__ BlockWork(long long T, int Q_) {
+        Q = Q_;
+        k = split_point(T, blockIdx.x);
+        end = split_point(T, blockIdx.x + 1);
+    }
+
+    __device__ __forceinline__ bool next(Segment& seg) {
+        if (k >= end) return false;
+        const long long g = k / Q, first = g * Q;
+        seg.group = (int)g;
+        seg.lo = (int)(k - first);
+        seg.hi = end < first + Q ? (int)(end - first) : Q;
+        k = first + seg.hi;
+        return true;
+    }
+};
+
+// The blocks that share group g, and where their partials go. Block b stores its partial of group g in slot
+// b + g: distinct for distinct (b, g), because both a block's groups and a group's blocks increase along the
+// split. Group g's partials thus fill the slots first, ..., first + count - 1, in block order.
+struct Sharing {
+    long long first;     // slot of the group's first block
+    unsigned int count;  // blocks that share the group
+};
+
+__device__ __forceinline__ Sharing sharing(long long T, int Q, int g) {
+    const unsigned int b0 = owner(T, (long long)g * Q), b1 = owner(T, (long long)g * Q + Q - 1);
+    Sharing s;
+    s.first = g + b0;
+    s.count = b1 - b0 + 1;
+    return s;
+}
 
 // ---------------------------------------------------------------------------
 // Welford / Chan moments: count, mean and M2 = sum of squared deviations.
@@ -150,7 +243,7 @@ __device__ __forceinline__ T block_reduce_rows(T v, T* smem /* [blockDim.x * blo
 }
 
 // ---------------------------------------------------------------------------
-// Level 4: partial results of the blocks of one channel, in global memory.
+// Level 4: the partials of one group, in global memory.
 // A partial is stored as 32-bit words; __ldcg reads through L2 (the last block
 // must not see a stale L1 line of a slot another block wrote).
 // ---------------------------------------------------------------------------
@@ -180,68 +273,78 @@ __device__ __forceinline__ Sums2 load_partial(const float* ws, long long slot, S
     return s;
 }
 
-// Called by one thread of each of the G blocks that share `counter`, after it
-// stored the block's partial. Returns true in exactly one block: the last to
-// arrive, which then sees every partial. It resets the counter for the next
-// launch. (The fence orders this block's partial before its ticket.)
-__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int G) {
+// Called by one thread of each of the `count` blocks that share `counter`, after its block's partial is
+// stored. Returns true in exactly one block: the last to arrive, which then reads every partial. The first
+// fence orders this block's partial before its ticket (release); the second, in the last block only, orders
+// the ticket before its reads of the other blocks' partials (acquire), and the __syncthreads that follows
+// extends that order to the rest of the block. The last block resets the counter for the next launch on the
+// stream (the wrappers give every stream its own counters, so overlapping launches never share one).
+__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int count) {
     __threadfence();
     const unsigned int ticket = atomicAdd(counter, 1u);
-    const bool last = ticket == G - 1;
-    if (last) *counter = 0u;
+    const bool last = ticket == count - 1;
+    if (last) {
+        __threadfence();
+        *counter = 0u;
+    }
     return last;
 }
 
-// Level 4 for 1-D blocks (the ncs kernels). Thread 0 holds its block's total v
-// for the channel whose G partial slots start at slot0. Every block stores
-// its partial and takes a ticket; returns false in all blocks but the last,
-// where v becomes the channel's total (in thread 0), merged in slot order.
+// Level 4 for 1-D blocks (the ncs kernels). Thread 0 holds its block's partial v of a group shared by
+// sh.count > 1 blocks; this block's slot is `slot`. Returns false in all blocks but the last, where v becomes
+// the group's total (in thread 0), the partials merged in slot order.
 template <class T>
-__device__ __forceinline__ bool merge_blocks_1d(T& v, T* smem, float* partials, unsigned int* counter,
-                                                long long slot0, unsigned int g, unsigned int G) {
+__device__ __forceinline__ bool merge_blocks_1d(T& v, T* smem, float* partials, unsigned int* counter, Sharing sh,
+                                                long long slot) {
     __shared__ bool is_last;
     if (threadIdx.x == 0) {
-        store_partial(partials, slot0 + g, v);
-        is_last = arrive_last(counter, G);
+        store_partial(partials, slot, v);
+        is_last = arrive_last(counter, sh.count);
     }
     __syncthreads();
     if (!is_last) return false;
     v = identity(v);
-    for (unsigned int k = threadIdx.x; k < G; k += blockDim.x) v = combine(v, load_partial(partials, slot0 + k, v));
+    for (unsigned int k = threadIdx.x; k < sh.count; k += blockDim.x) {
+        v = combine(v, load_partial(partials, sh.first + k, v));
+    }
     v = block_reduce_1d(v, smem);
     return true;
 }
 
-// Level 4 for 2-D blocks (the mc kernels): the same, with one partial per
-// channel column (threadIdx.x) and thread row ty merging slots ty, ty + by, ...;
-// the column total ends in every thread of the column.
+// Level 4 for 2-D blocks (the mc kernels): the same, with one partial per channel of the column (threadIdx.x,
+// in slot * blockDim.x + threadIdx.x) and thread row ty merging slots ty, ty + by, ...; the column's totals
+// end in every thread of the column.
 template <class T>
-__device__ __forceinline__ bool merge_blocks_rows(T& v, T* smem, float* partials, unsigned int* counter,
-                                                  long long slot0, bool has_channel, unsigned int g, unsigned int G) {
+__device__ __forceinline__ bool merge_blocks_rows(T& v, T* smem, float* partials, unsigned int* counter, Sharing sh,
+                                                  long long slot, bool has_channel) {
     __shared__ bool is_last;
+    const long long bx = blockDim.x;
     if (threadIdx.y == 0 && has_channel) {
-        store_partial(partials, slot0 + g, v);
+        store_partial(partials, slot * bx + threadIdx.x, v);
         __threadfence();  // each writer publishes its own partial before thread (0, 0) takes the ticket
     }
     __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) is_last = arrive_last(counter, G);
+    if (threadIdx.x == 0 && threadIdx.y == 0) is_last = arrive_last(counter, sh.count);
     __syncthreads();
     if (!is_last) return false;
     v = identity(v);
     if (has_channel) {
-        for (unsigned int k = threadIdx.y; k < G; k += blockDim.y) v = combine(v, load_partial(partials, slot0 + k, v));
+        for (unsigned int k = threadIdx.y; k < sh.count; k += blockDim.y) {
+            v = combine(v, load_partial(partials, (sh.first + k) * bx + threadIdx.x, v));
+        }
     }
     v = block_reduce_rows(v, smem);
     return true;
 }
 
 // ---------------------------------------------------------------------------
-// The per-channel walk of an NCHW tensor seen as (N, C, S), S = H * W.
-// Element j of channel c (0 <= j < N*S) sits at n*C*S + c*S + s with
-// n = j / S, s = j % S. A thread visits j, j + stride, j + 2*stride, ...;
-// the division happens once, then each step adds (stride / S, stride % S)
-// with one carry, so the loop has no integer division.
+// Walks without a division per element.
 // ---------------------------------------------------------------------------
+
+// The per-channel walk of an NCHW tensor seen as (N, C, S), S = H * W values (or float4s) per row.
+// Element j of channel c (0 <= j < N*S) sits at n*C*S + c*S + s with n = j / S, s = j % S. A thread
+// visits j, j + stride, j + 2*stride, ...; the division happens once, then each step adds
+// (stride / S, stride % S) with one carry.
 struct ChannelWalk {
     long long offset;  // n * C * S + c * S + s
     int s;
@@ -271,3 +374,71 @@ struct ChannelWalk {
         }
     }
 };
+
+// The channel of a flat walk over an NCHW tensor seen as R = N*C rows of S units: unit i is in row i / S,
+// of channel (i / S) % C. Each step of `stride` units adds (stride % S, (stride / S) % C) with one carry each.
+struct RowChannel {
+    int s, c;            // i % S, (i / S) % C
+    int step_s, step_c;  // stride % S, (stride / S) % C
+    int S, C;
+
+    __device__ __forceinline__ RowChannel(long long i, int stride, int S_, int C_) {
+        S = S_;
+        C = C_;
+        const long long row = i / S;
+        s = (int)(i - row * S);
+        c = (int)(row % C);
+        step_s = stride % S;
+        step_c = (stride / S) % C;
+    }
+
+    __device__ __forceinline__ void advance() {
+        s += step_s;
+        c += step_c;
+        if (s >= S) {
+            s -= S;
+            c += 1;
+        }
+        if (c >= C) c -= C;  // c + step_c + 1 <= 2C - 1
+    }
+};
+
+// ---------------------------------------------------------------------------
+// Level 1 walks: a thread's elements, in increasing order, in steps of U. A full step issues its U loads
+// (BN_LOAD_BYTES in all) before it uses any of them; the tail goes one by one.
+// ---------------------------------------------------------------------------
+
+// Elements p, p + p_step, ... < hi of a thread, element n at address a + n * a_step (flat walks: p is the
+// address, and the step the block's threads; channels-last walks: p is the row, and the step rows * C, which
+// needs 64 bits). load(address) returns an element's values, use(address, v) consumes them.
+template <int U, class V, class P, class A, class Load, class Use>
+__device__ __forceinline__ void walk_strided(P p, P hi, int p_step, long long a, A a_step, Load load, Use use) {
+    for (; U > 1 && p < hi - (U - 1) * p_step; p += U * p_step, a += U * a_step) {
+        V v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = load(a + u * a_step);
+#pragma unroll
+        for (int u = 0; u < U; ++u) use(a + u * a_step, v[u]);
+    }
+    for (; p < hi; p += p_step, a += a_step) use(a, load(a));
+}
+
+// Elements j, j + blockDim.x, ... < hi of channel c of an (N, C, S) tensor, through a ChannelWalk.
+// load(offset) returns an element's values, use(v) consumes them.
+template <int U, class V, class Load, class Use>
+__device__ __forceinline__ void walk_channel(int C, int S, int c, int j, int hi, Load load, Use use) {
+    const int stride = blockDim.x;
+    if (j >= hi) return;
+    ChannelWalk walk(j, stride, C, S, c);
+    for (; U > 1 && j < hi - (U - 1) * stride; j += U * stride) {
+        V v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            v[u] = load(walk.offset);
+            walk.advance();
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) use(v[u]);
+    }
+    for (; j < hi; j += stride, walk.advance()) use(load(walk.offset));
+}

@@ -26,7 +26,7 @@ __device__ __forceinline__ float channel_sum(const float* __restrict__ x, int N,
     return block_reduce_1d(acc, smem);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_channel_moments_ncs(const float* __restrict__ x, int N, int C, int S,
                        float* __restrict__ mean, float* __restrict__ var) {
     __shared__ float smem[BN_WARP];

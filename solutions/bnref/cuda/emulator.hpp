@@ -10,7 +10,9 @@
 //     at __syncthreads and at warp shuffles; between those points they run in a
 //     chosen order, so a missing barrier shows up the same way;
 //   * __shared__ is a static local: one copy, visible to the block running now,
-//     filled with 0xFF bytes (NaN) before each block;
+//     filled with 0xFF bytes (NaN) before each block. g++ ignores the section attribute
+//     that finds it for a static local of a template, which then starts at zero and is
+//     never refilled: declare shared arrays in the kernel itself and pass them down;
 //   * __syncthreads releases when every thread of the block that has not exited
 //     waits there; a warp shuffle when every lane of the warp waits at a shuffle.
 //     Anything else is reported as an error instead of hanging: threads waiting

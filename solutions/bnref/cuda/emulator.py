@@ -51,7 +51,8 @@ GUARD = 4096                     # bytes of GUARD_BYTE on both sides of every ar
 GUARD_BYTE = 0xFE                # not 0xFF, the fill of fresh memory: a NaN copied past the end is still seen
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 
-_SIGNATURE = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\((\d+)[^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
+_SIGNATURE = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\((\w+)[^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
+_DEFINE = re.compile(r"^#define (\w+) (\d+)\b", re.M)
 _SCALARS = {"int": np.int32, "unsigned int": np.uint32, "long long": np.int64, "float": np.float32,
             "double": np.float64, "bool": np.bool_}
 _POINTEES = {"float": (np.float32, 4), "float4": (np.float32, 16), "int": (np.int32, 4),
@@ -82,10 +83,12 @@ class Signature(NamedTuple):
 
 
 def signatures(source):
-    """{kernel name: Signature} of the ``extern "C" __global__`` kernels of a CUDA source."""
+    """{kernel name: Signature} of the ``extern "C" __global__`` kernels of a CUDA source. A launch bound may
+    be a number or the name of a ``#define``d one."""
     found = {}
+    defines = dict(_DEFINE.findall(source))
     for bound, name, params in _SIGNATURE.findall(source):
-        found[name] = Signature([], int(bound or 1024))
+        found[name] = Signature([], int(defines.get(bound, bound) or 1024))
         for p in params.split(","):
             words = p.replace("__restrict__", " ").replace("*", " * ").split()
             ctype = " ".join(words[:-1]).replace(" *", "*")
@@ -190,6 +193,7 @@ class Kernel:
         self.backend, self.library, self.name = backend, library, name
         self.params, self.max_threads = signature
         self.thunk = ctypes.cast(getattr(library, f"emu_thunk_{name}"), ctypes.c_void_p)
+        self.kernel = SimpleNamespace(ptr=self.thunk.value)   # as RawKernel.kernel: the handle the occupancy API takes
 
     def _marshal(self, args):
         if len(args) != len(self.params):
@@ -243,6 +247,12 @@ class RawModule:
         return Kernel(self.backend, self.library, name, self.sigs[name])
 
 
+class Stream:
+    """The emulator's one stream (``cupy.cuda.get_current_stream()``): launches run one after the other."""
+
+    ptr = 0
+
+
 class CupyOnCpu:
     """The part of CuPy's interface that bnref.cuda's wrappers and tests use, backed by the emulator.
 
@@ -251,19 +261,25 @@ class CupyOnCpu:
             grid, and of the threads of a block between two barriers.
         seed: the shuffle's seed.
         sm_count: the multiprocessor count the launch planner sees.
+        blocks_per_sm: what the occupancy API answers for every kernel (a GPU's driver answers from the
+            kernel's registers and shared memory); the planner's persistent grids get sm_count * blocks_per_sm
+            blocks.
     """
 
     ndarray = Array
     float32, float64, int32, uint32 = np.float32, np.float64, np.int32, np.uint32
 
-    def __init__(self, order="forward", seed=0, sm_count=4):
+    def __init__(self, order="forward", seed=0, sm_count=4, blocks_per_sm=2):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}; got {order!r}")
         self.order, self.seed = order, seed
-        self.__name__ = f"bnref.cuda.emulator[{order},{seed},{sm_count}]"
+        self.__name__ = f"bnref.cuda.emulator[{order},{seed},{sm_count},{blocks_per_sm}]"
         props = {"multiProcessorCount": sm_count}
-        self.cuda = SimpleNamespace(Device=lambda *a: SimpleNamespace(id=0),
-                                    runtime=SimpleNamespace(getDeviceProperties=lambda dev: props))
+        stream = Stream()
+        self.cuda = SimpleNamespace(
+            Device=lambda *a: SimpleNamespace(id=0), get_current_stream=lambda: stream,
+            runtime=SimpleNamespace(getDeviceProperties=lambda dev: props),
+            driver=SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda func, threads, smem: blocks_per_sm))
 
     def RawModule(self, code, options=()):  # noqa: N802 (CuPy's name)
         return RawModule(self, code, options)

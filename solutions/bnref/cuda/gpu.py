@@ -8,6 +8,8 @@ Layouts: ``layout="NCHW"`` takes (N, C) or (N, C, *spatial) with channels on
 axis 1; ``layout="NHWC"`` takes (..., C) with channels last. Statistics are
 per channel over every other axis, as in ``torch.nn.BatchNorm1d/2d``.
 """
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -58,14 +60,15 @@ def _cupy():
 
 _MODULES = {}
 _SM_COUNT = {}
-_COUNTERS = {}
+_SLOTS = {}
+_COUNTERS = weakref.WeakKeyDictionary()   # stream -> {(backend, device, host thread): counters}
 
 
 def _kernel(cp, file, name):
     """The compiled kernel ``name`` of ``file`` (NVRTC compiles each file once per process and device)."""
     from . import COMPILE_OPTIONS, kernel_source
 
-    key = (cp.__name__, file)
+    key = (cp.__name__, cp.cuda.Device().id, file)
     if key not in _MODULES:
         _MODULES[key] = cp.RawModule(code=kernel_source(file), options=COMPILE_OPTIONS)
     return _MODULES[key].get_function(name)
@@ -78,15 +81,31 @@ def _sm_count(cp):
     return _SM_COUNT[dev]
 
 
-def _counters(cp, n):
-    """Arrival counters of the grid-level merge: zero between launches (the last block resets its own).
+def _slots(cp, kernel):
+    """Blocks of ``kernel`` (a ``RawKernel``) the device holds at once, the size of its persistent grid: the SMs
+    times the driver's count of resident 256-thread blocks per SM for this compiled kernel (its registers, its
+    shared memory)."""
+    handle = kernel.kernel.ptr   # the CUfunction
+    key = (cp.__name__, cp.cuda.Device().id, handle)
+    if key not in _SLOTS:
+        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(handle, plan.THREADS, 0)
+        _SLOTS[key] = _sm_count(cp) * max(1, int(per_sm))
+    return _SLOTS[key]
 
-    One zeroed buffer per device is kept and grown; kernels sharing it must run on one stream.
+
+def _counters(cp, n):
+    """At least ``n`` arrival counters for the grid-level merge, zero between launches (the last block of a
+    group resets its own).
+
+    One buffer per stream, device and host thread (the per-thread default streams of two host threads are one
+    stream object): launches that may overlap never share a counter, and launches that share one run one after
+    the other on their stream.
     """
-    dev = (cp.__name__, cp.cuda.Device().id)
-    if dev not in _COUNTERS or _COUNTERS[dev].size < n:
-        _COUNTERS[dev] = cp.zeros(max(n, 1024), dtype=cp.uint32)
-    return _COUNTERS[dev]
+    mine = _COUNTERS.setdefault(cp.cuda.get_current_stream(), {})
+    key = (cp.__name__, cp.cuda.Device().id, threading.get_ident())
+    if key not in mine or mine[key].size < n:
+        mine[key] = cp.zeros(max(n, 1024), dtype=cp.uint32)
+    return mine[key]
 
 
 def _input(cp, x, layout, name="x"):
@@ -95,10 +114,8 @@ def _input(cp, x, layout, name="x"):
     if x.dtype != cp.float32:
         raise TypeError(f"{name} must be float32 (the kernels are float32); got {x.dtype}")
     lay = plan.layout_of(x.shape, layout)
-    if lay.kind == "ncs" and lay.C > plan.MAX_GRID_Y:
-        raise ValueError(f"at most {plan.MAX_GRID_Y} channels in the NCHW layout; got C = {lay.C}")
-    if lay.per_channel >= 2**31 or (lay.kind == "mc" and lay.N >= 2**31):
-        raise ValueError(f"at most 2**31 - 1 values per channel; got {lay.per_channel}")
+    if lay.per_channel > plan.MAX_PER_CHANNEL:
+        raise ValueError(f"at most {plan.MAX_PER_CHANNEL} values per channel; got {lay.per_channel}")
     return cp.ascontiguousarray(x), lay
 
 
@@ -131,30 +148,47 @@ class GPUCache(NamedTuple):
     layout: plan.Layout
 
 
+def _suffix(vec):
+    return "_vec4" if vec == 4 else ""
+
+
+def _elementwise(cp, file, stem, lay, arrays):
+    """The kernel ``stem``_ncs|mc[_vec4] of ``file`` for ``arrays`` (those it reads and writes), its persistent
+    launch, and its size arguments: (N*C, C, S/vec) or (M, C/vec)."""
+    vec = plan.vector_width(lay, _aligned(*arrays))
+    kernel = _kernel(cp, file, f"{stem}_{lay.kind}{_suffix(vec)}")
+    launch = plan.elementwise_launch(lay, vec, _slots(cp, kernel))
+    if lay.kind == "ncs":
+        return kernel, launch, (np.int64(lay.N * lay.C), np.int32(lay.C), np.int32(lay.S // vec))
+    return kernel, launch, (np.int32(lay.N), np.int32(lay.C // vec))
+
+
+def _reduction(cp, file, stem, lay, arrays, words, blocks=None):
+    """The kernel ``stem``_ncs[_vec4] or ``stem``_mc of ``file`` for ``arrays`` (the ones it streams), its
+    persistent launch, its size arguments ((N, C, S/vec) or (M, C)), and its workspace: room for ``words``
+    floats per partial, and the arrival counters."""
+    vec = plan.vector_width(lay, _aligned(*arrays)) if lay.kind == "ncs" else 1
+    kernel = _kernel(cp, file, f"{stem}_{lay.kind}{_suffix(vec)}")
+    launch = plan.reduction_launch(lay, vec, _slots(cp, kernel), blocks)
+    lanes = 1 if lay.kind == "ncs" else launch.block[0]   # mc: a partial per channel of a column
+    partials = cp.empty(words * lanes * launch.partial_slots, cp.float32)
+    if lay.kind == "ncs":
+        dims = (np.int32(lay.N), np.int32(lay.C), np.int32(lay.S // vec))
+    else:
+        dims = (np.int32(lay.N), np.int32(lay.C))
+    return kernel, launch, dims, (partials, _counters(cp, launch.groups))
+
+
 def _affine(cp, x, lay, mean, stat, gamma, beta, eps, stat_is_var):
     """y = x * a + b with a = gamma * rstd, b = beta - mean * a (rstd = stat, or 1/sqrt(stat + eps))."""
     y = cp.empty_like(x)
-    vec = plan.vector_width(lay, _aligned(x, y))
-    grid, block = plan.elementwise_launch(lay, vec, _sm_count(cp))
-    suffix = "_vec4" if vec == 4 else ""
-    if lay.kind == "ncs":
-        name, dims = "bn_affine_ncs" + suffix, (np.int64(lay.N * lay.C), np.int32(lay.C), np.int32(lay.S // vec))
-    else:
-        name, dims = "bn_affine_mc" + suffix, (np.int64(lay.N), np.int32(lay.C // vec))
-    _kernel(cp, "bn_affine.cu", name)(grid, block, (x, y, *dims, mean, stat, gamma, beta, np.float32(eps),
-                                                    np.int32(stat_is_var)))
+    kernel, launch, dims = _elementwise(cp, "bn_affine.cu", "bn_affine", lay, (x, y))
+    kernel(launch.grid, launch.block, (x, y, *dims, mean, stat, gamma, beta, np.float32(eps), np.int32(stat_is_var)))
     return y
 
 
-def _dims(lay):
-    """The size arguments of the reduction kernels: (N, C, S) or (M, C)."""
-    if lay.kind == "ncs":
-        return np.int32(lay.N), np.int32(lay.C), np.int32(lay.S)
-    return np.int32(lay.N), np.int32(lay.C)
-
-
 def batchnorm_forward_gpu(x, gamma, beta, running_mean=None, running_var=None, momentum=0.1, eps=1e-5,
-                          layout="NCHW", blocks_per_channel=None):
+                          layout="NCHW", blocks=None):
     """Training-mode batch norm on the GPU: one statistics launch, one elementwise launch.
 
     Args:
@@ -164,7 +198,8 @@ def batchnorm_forward_gpu(x, gamma, beta, running_mean=None, running_var=None, m
         running_mean, running_var: optional (C,) float32 cupy buffers, updated in
             place in PyTorch's convention (``momentum`` weighs the new batch
             statistic; the variance averaged is the unbiased one).
-        blocks_per_channel: override the planner's G (tests use it to force a grid-level merge).
+        blocks: override the planner's number of blocks of the statistics grid (tests use it to split
+            channels over several blocks and force a grid-level merge).
 
     Returns:
         out: like x. cache: a :class:`GPUCache`.
@@ -183,12 +218,9 @@ def batchnorm_forward_gpu(x, gamma, beta, running_mean=None, running_var=None, m
         running_var = _buffer(cp, running_var, lay.C, "running_var")
     else:  # never touched by the kernel when update_running is 0
         running_mean, running_var = mean, rstd
-    launch = plan.reduction_launch(lay, _sm_count(cp), blocks_per_channel)
-    partials = cp.empty(3 * lay.C * launch.G, cp.float32)
-    kernel = _kernel(cp, "bn_forward.cu", f"bn_forward_stats_{lay.kind}")
-    kernel(launch.grid, launch.block, (x, *_dims(lay), np.float32(eps), np.float32(momentum), np.int32(update),
-                                       mean, rstd, running_mean, running_var, partials,
-                                       _counters(cp, launch.counters)))
+    kernel, launch, dims, workspace = _reduction(cp, "bn_forward.cu", "bn_forward_stats", lay, (x,), 3, blocks)
+    kernel(launch.grid, launch.block, (x, *dims, np.float32(eps), np.float32(momentum), np.int32(update),
+                                       mean, rstd, running_mean, running_var, *workspace))
     out = _affine(cp, x, lay, mean, rstd, gamma, beta, eps, stat_is_var=0)
     return out, GPUCache(x, gamma, mean, rstd, lay)
 
@@ -207,12 +239,13 @@ def batchnorm_inference_gpu(x, gamma, beta, running_mean, running_var, eps=1e-5,
     return _affine(cp, x, lay, running_mean, running_var, gamma, beta, eps, stat_is_var=1)
 
 
-def batchnorm_backward_gpu(dout, cache):
+def batchnorm_backward_gpu(dout, cache, blocks=None):
     """Backward of :func:`batchnorm_forward_gpu`: one reduction launch, one elementwise launch.
 
     Args:
         dout: float32 cupy array shaped like the forward's input.
         cache: the forward's :class:`GPUCache`.
+        blocks: override the planner's number of blocks of the reduction grid, as in the forward.
 
     Returns:
         dx (like x), dgamma (C,), dbeta (C,).
@@ -225,21 +258,13 @@ def batchnorm_backward_gpu(dout, cache):
     dout = cp.ascontiguousarray(dout)
     C = lay.C
     dgamma, dbeta, coef = cp.empty(C, cp.float32), cp.empty(C, cp.float32), cp.empty(3 * C, cp.float32)
-    launch = plan.reduction_launch(lay, _sm_count(cp))
-    partials = cp.empty(2 * C * launch.G, cp.float32)
-    reduce = _kernel(cp, "bn_backward.cu", f"bn_backward_reduce_{lay.kind}")
-    reduce(launch.grid, launch.block, (dout, x, *_dims(lay), cache.mean, cache.rstd, cache.gamma, dgamma, dbeta, coef,
-                                       partials, _counters(cp, launch.counters)))
+    kernel, launch, dims, workspace = _reduction(cp, "bn_backward.cu", "bn_backward_reduce", lay, (dout, x), 2,
+                                                 blocks)
+    kernel(launch.grid, launch.block, (dout, x, *dims, cache.mean, cache.rstd, cache.gamma, dgamma, dbeta, coef,
+                                       *workspace))
     dx = cp.empty_like(x)
-    vec = plan.vector_width(lay, _aligned(dout, x, dx))
-    grid, block = plan.elementwise_launch(lay, vec, _sm_count(cp))
-    suffix = "_vec4" if vec == 4 else ""
-    if lay.kind == "ncs":
-        dims = (np.int64(lay.N * lay.C), np.int32(C), np.int32(lay.S // vec))
-    else:
-        dims = (np.int64(lay.N), np.int32(C // vec))
-    _kernel(cp, "bn_backward.cu", f"bn_backward_dx_{lay.kind}{suffix}")(grid, block,
-                                                                        (dout, x, dx, *dims, cache.mean, coef))
+    kernel, launch, dims = _elementwise(cp, "bn_backward.cu", "bn_backward_dx", lay, (dout, x, dx))
+    kernel(launch.grid, launch.block, (dout, x, dx, *dims, cache.mean, coef))
     return dx, dgamma, dbeta
 
 

@@ -1,27 +1,29 @@
 """A NumPy replay of the reduction tree of the chapter-5 CUDA kernels, in float32.
 
-The kernels in ``bn_forward.cu`` and ``bn_backward.cu`` reduce each channel in
-four levels (see ``bn_common.cuh``). This module performs the same arithmetic
-in the same order, with the same thread-to-element assignment, so that the
-tree can be tested on a machine without a GPU:
+The kernels in ``bn_forward.cu`` and ``bn_backward.cu`` run a persistent grid and reduce each channel in
+four levels (see ``bn_common.cuh``). This module performs the same arithmetic in the same order, with the
+same split of the work into blocks (:func:`bnref.cuda.plan.segments`) and the same thread-to-element
+assignment, so that the tree can be tested on a machine without a GPU:
 
-1. thread t of block g of a channel visits the channel's values
-   j = g*B + t + k*G*B, k = 0, 1, ... (ncs) or rows m = g*by + ty + k*G*by (mc),
-   folding them in one by one (Welford's update, or plain sums);
+1. block b's share of the units is cut into segments, one per channel (ncs) or column of 32 channels (mc);
+   in a segment of elements [lo, hi), thread t visits j = lo + t + k*B (ncs; with float4s, the 4 values of
+   each in order) or thread row ty the rows m = lo + ty + k*by (mc), folding them in one by one (Welford's
+   update, or plain sums);
 2. ncs: the lanes of each warp merge with ``__shfl_down_sync`` at offsets
    16, 8, 4, 2, 1 (a lane whose partner is past lane 31 gets its own value back);
 3. ncs: lane 0 of each warp writes to shared memory and warp 0 repeats the warp
    tree over those totals; mc: the 8 thread rows of a block halve in shared
-   memory, offsets 4, 2, 1;
-4. if G > 1, the last block of the channel lets thread t (row ty) merge the
-   block partials t, t + B, ... one by one, and repeats level 2-3 over them.
+   memory, offsets 4, 2, 1; either gives one partial per segment;
+4. if several blocks share a channel, the last of them lets thread t (row ty) merge the channel's
+   partials t, t + B, ... in block order, and repeats level 2-3 over them.
 
 It differs from the GPU only in the last bits: nvcc contracts ``a * b + c``
 into one rounding (FMA) and the Welford step divides with ``__fdividef``.
 """
 import numpy as np
 
-from .plan import MC_BLOCK, THREADS, Layout, layout_of, reduction_launch
+from .plan import CHUNK, MC_BLOCK, THREADS, Layout, layout_of, reduction_launch, resident_blocks, segments, \
+    vector_width
 
 WARP = 32
 F32 = np.float32
@@ -110,131 +112,146 @@ def block_reduce_rows(value, combine):
 
 # --- level 1 and 4 -------------------------------------------------------------
 
-def _strided(values, G, B, fill):
-    """(..., L) -> (..., K, G, B) with [..., k, g, t] = values[..., k*G*B + g*B + t], and its validity mask."""
-    L = values.shape[-1]
-    K = max(1, -(-L // (G * B)))
-    pad = K * G * B - L
-    padded = np.concatenate([values, np.full((*values.shape[:-1], pad), fill, values.dtype)], axis=-1)
-    valid = np.arange(K * G * B) < L
-    return padded.reshape(*values.shape[:-1], K, G, B), valid.reshape(K, G, B)
+def _select(mask, new, old):
+    """``new`` where ``mask``, else ``old`` (tuples of arrays, as the kernels' conditional updates)."""
+    return tuple(np.where(mask, a, b) for a, b in zip(new, old))
 
 
-def _sequential(step, acc, streams, valid):
-    """Fold ``streams`` (each (..., K, G, B)) into ``acc`` over k = 0, 1, ... in order."""
-    for k in range(valid.shape[0]):
-        acc = step(acc, *(s[..., k, :, :] for s in streams), valid[k])
+def _segment_arrays(launch):
+    """The segments of ``launch`` as arrays: group, lo, hi (units), in slot order."""
+    segs = np.array([s[1:] for s in segments(launch)], np.int64).reshape(-1, 3)
+    return segs[:, 0], segs[:, 1], segs[:, 2]
+
+
+def _fold(push, acc, streams, valid, channel):
+    """Level 1: fold ``streams`` (each (nseg, K, threads..., vec)) into ``acc`` over k, then the vec lanes."""
+    for k in range(valid.shape[1]):
+        for lane in range(streams[0].shape[-1]):
+            acc = push(acc, *(s[:, k, ..., lane] for s in streams), valid[:, k], channel)
     return acc
 
 
-def _grid_merge(partials, combine, identity, block_tree, threads):
-    """Level 4: thread t merges partials t, t + threads, ... (over the last axis), then the block tree."""
-    lead, G = partials[0].shape[:-1], partials[0].shape[-1]
-    K = -(-G // threads)
-    acc = identity((*lead, threads))
-    for k in range(K):
-        chunk = identity((*lead, threads))
-        take = min(threads, G - k * threads)
-        chunk = tuple(np.concatenate([p[..., k * threads:k * threads + take], e[..., take:]], axis=-1)
-                      for p, e in zip(partials, chunk))
-        acc = combine(acc, chunk)
-    return block_tree(acc)
+def _merge_groups(partial, group, groups, combine, identity, block_tree, threads):
+    """Level 4: the per-group totals (groups, ...) of the segments' partials (nseg, ...), ordered by slot.
+
+    A group with one segment keeps its partial. Otherwise thread t of its last block merges partials t,
+    t + threads, ... (the group's segments in block order), then ``block_tree`` merges the threads.
+    """
+    count = np.bincount(group, minlength=groups)
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rounds = -(-int(count.max()) // threads)
+    t = np.arange(threads)
+    lanes = partial[0].shape[1:]
+    acc = identity((groups, threads, *lanes))
+    for r in range(rounds):
+        k = r * threads + t                                                      # (threads,)
+        has = k[None, :] < count[:, None]                                        # (groups, threads)
+        slot = np.where(has, first[:, None] + k[None, :], 0)
+        mask = has.reshape(*has.shape, *(1,) * len(lanes))
+        acc = _select(mask, combine(acc, tuple(p[slot] for p in partial)), acc)
+    merged = block_tree(acc)
+    alone = (count == 1).reshape(-1, *(1,) * len(lanes))
+    return _select(alone, tuple(p[first] for p in partial), merged)
 
 
-def _tree_ncs(lay, G, streams, push, combine, identity, fills):
+def _tree_ncs(lay, vec, launch, streams, push, combine, identity):
     """Levels 1-4 for an (N, C, S) layout; ``streams`` are (N, C, S) arrays; returns per-channel totals (C,)."""
-    B = THREADS
-    per_channel = [np.moveaxis(s, 1, 0).reshape(lay.C, -1) for s in streams]        # (C, L), j = n*S + s
-    strided = [_strided(v, G, B, f) for v, f in zip(per_channel, fills)]
-    valid = strided[0][1]
-    acc = _sequential(push, identity((lay.C, G, B)), [s for s, _ in strided], valid)   # level 1
-    block = block_reduce_1d(acc, combine, identity)                                     # levels 2-3: (C, G)
-    if G == 1:
-        return tuple(a[:, 0] for a in block)
-    return _grid_merge(block, combine, identity, lambda v: block_reduce_1d(v, combine, identity), B)
+    B, L = THREADS, lay.N * (lay.S // vec)                                          # threads, elements per channel
+    per_channel = [np.moveaxis(s, 1, 0).reshape(lay.C, L, vec) for s in streams]    # element j of channel c
+    group, lo, hi = _segment_arrays(launch)
+    lo, hi = lo * CHUNK, np.minimum(hi * CHUNK, L)
+    K = max(1, -(-int((hi - lo).max()) // B))
+    j = lo[:, None, None] + B * np.arange(K)[None, :, None] + np.arange(B)[None, None, :]   # (nseg, K, B)
+    valid = j < hi[:, None, None]
+    values = [v[group[:, None, None], np.where(valid, j, 0)] for v in per_channel]          # (nseg, K, B, vec)
+    acc = _fold(push, identity((len(group), B)), values, valid, group[:, None])           # level 1
+    partial = block_reduce_1d(acc, combine, identity)                                        # levels 2-3: (nseg,)
+    return _merge_groups(partial, group, lay.C, combine, identity,
+                         lambda v: block_reduce_1d(v, combine, identity), B)
 
 
-def _tree_mc(lay, G, streams, push, combine, identity, fills):
+def _tree_mc(lay, launch, streams, push, combine, identity):
     """Levels 1-4 for an (M, C) layout; ``streams`` are (M, C) arrays; returns per-channel totals (C,)."""
-    by = MC_BLOCK[1]
-    # rows m = k*G*by + g*by + ty: put the row axis last, stride it, then move channels last again.
-    strided = [_strided(np.ascontiguousarray(s.T), G, by, f) for s, f in zip(streams, fills)]   # (C, K, G, by)
-    valid = strided[0][1]
-    acc = _sequential(push, identity((lay.C, G, by)), [s for s, _ in strided], valid)
-    rows_last = tuple(np.moveaxis(a, 0, -1) for a in acc)                               # (G, by, C)
-    block = block_reduce_rows(rows_last, combine)                                       # (G, C)
-    if G == 1:
-        return tuple(a[0] for a in block)
-    # thread row ty merges partials g = ty, ty + by, ...: stride the G axis over the by rows
-    partials = tuple(np.moveaxis(a, 0, -1) for a in block)                              # (C, G)
-    merged = _grid_merge(partials, combine, identity, lambda v: v, by)                  # (C, by), no tree yet
-    return block_reduce_rows(tuple(np.moveaxis(a, 0, -1) for a in merged), combine)
+    bx, by = MC_BLOCK
+    columns = launch.groups
+    pad = columns * bx - lay.C                                   # lanes of the last column without a channel
+    per_column = [np.pad(s, ((0, 0), (0, pad))).reshape(lay.N, columns, bx).transpose(1, 0, 2)[..., None]
+                  for s in streams]                              # (columns, M, bx, 1): row m, lane tx
+    group, lo, hi = _segment_arrays(launch)
+    K = max(1, -(-int((hi - lo).max()) // by))
+    rows = lo[:, None, None] + by * np.arange(K)[None, :, None] + np.arange(by)[None, None, :]   # (nseg, K, by)
+    channel = group[:, None, None] * bx + np.arange(bx)                                          # (nseg, 1, bx)
+    valid = (rows < hi[:, None, None])[..., None] & (channel < lay.C)[:, None]                   # (nseg, K, by, bx)
+    values = [v[group[:, None, None], np.where(rows < hi[:, None, None], rows, 0)] for v in per_column]
+    acc = _fold(push, identity((len(group), by, bx)), values, valid, np.minimum(channel, lay.C - 1))
+    partial = block_reduce_rows(acc, combine)                                                    # (nseg, bx)
+    totals = _merge_groups(partial, group, columns, combine, identity, lambda v: block_reduce_rows(v, combine), by)
+    return tuple(a.reshape(-1)[:lay.C] for a in totals)
 
 
-def _as_streams(lay, arrays):
+def _tree(x_like, layout, kernel, streams, push, combine, identity, blocks, slots, vec):
+    """The per-channel totals of ``streams`` (arrays shaped like ``x_like``) through the tree of ``kernel``
+    ("bn_forward_stats" or "bn_backward_reduce"), planned as the wrappers plan it."""
+    lay = layout_of(np.shape(x_like), layout)
+    if lay.kind == "mc":
+        vec = 1
+    elif vec is None:
+        vec = vector_width(lay, aligned=True)
+    name = f"{kernel}_{lay.kind}" + ("_vec4" if vec == 4 else "")
+    launch = reduction_launch(lay, vec, slots or resident_blocks(name), blocks)
     if lay.kind == "ncs":
-        return [np.asarray(a, F32).reshape(lay.N, lay.C, lay.S) for a in arrays]
-    return [np.asarray(a, F32).reshape(lay.N, lay.C) for a in arrays]
+        arrays = [np.asarray(a, F32).reshape(lay.N, lay.C, lay.S) for a in streams]
+        return _tree_ncs(lay, vec, launch, arrays, push, combine, identity)
+    arrays = [np.asarray(a, F32).reshape(lay.N, lay.C) for a in streams]
+    return _tree_mc(lay, launch, arrays, push, combine, identity)
 
 
-def reduce_moments(x, layout="NCHW", G=None, sm_count=132):
+def reduce_moments(x, layout="NCHW", blocks=None, slots=None, vec=None):
     """Per-channel (count, mean, M2) exactly as ``bn_forward_stats_*`` merges them.
 
     Args:
         x: float32 array, (N, C, ...) for "NCHW" or (..., C) for "NHWC".
-        G: blocks per channel (per 32-channel column for channels-last); by
-           default what :func:`bnref.cuda.plan.reduction_launch` picks for a GPU
-           with ``sm_count`` SMs.
+        blocks: the number of blocks of the grid; by default what :func:`bnref.cuda.plan.reduction_launch`
+            picks for ``slots`` resident blocks (by default those of an H200, from the committed ptxas report).
+        vec: 4 to replay the ``_vec4`` kernel (float4 loads), 1 the scalar one; by default what the wrapper
+            runs for 16-byte aligned arrays.
 
     Returns:
         count (C,) int64, mean (C,) float32, m2 (C,) float32.
     """
-    lay = layout_of(np.shape(x), layout)
-    G = G or reduction_launch(lay, sm_count).G
-
-    def push(acc, v, valid):
+    def push(acc, v, valid, channel):
         return welford_push(acc, v, valid)
 
-    tree = _tree_ncs if lay.kind == "ncs" else _tree_mc
-    return tree(lay, G, _as_streams(lay, [x]), push, moments_combine, moments_identity, [F32(0)])
+    return _tree(x, layout, "bn_forward_stats", [x], push, moments_combine, moments_identity, blocks, slots, vec)
 
 
-def reduce_backward_sums(dy, x, mean, layout="NCHW", G=None, sm_count=132):
+def reduce_backward_sums(dy, x, mean, layout="NCHW", blocks=None, slots=None, vec=None):
     """Per-channel (sum dy, sum dy * (x - mean)) exactly as ``bn_backward_reduce_*`` merges them."""
-    lay = layout_of(np.shape(x), layout)
-    G = G or reduction_launch(lay, sm_count).G
-    mean_b = np.asarray(mean, F32)[:, None, None]      # level 1 works on (C, G, threads) arrays
+    mean = np.asarray(mean, F32)
 
-    def push(acc, g, v, valid):
+    def push(acc, g, v, valid, channel):
         a, b = acc
-        a = (a + np.where(valid, g, F32(0))).astype(F32)
-        b = (b + np.where(valid, g * (v - mean_b), F32(0))).astype(F32)
-        return a, b
+        return _select(valid, ((a + g).astype(F32), (b + g * (v - mean[channel])).astype(F32)), acc)
 
-    tree = _tree_ncs if lay.kind == "ncs" else _tree_mc
-    return tree(lay, G, _as_streams(lay, [dy, x]), push, sums_combine, sums_identity, [F32(0), F32(0)])
+    return _tree(x, layout, "bn_backward_reduce", [dy, x], push, sums_combine, sums_identity, blocks, slots, vec)
 
 
-def reduce_power_sums(x, layout="NCHW", G=None, sm_count=132):
-    """Counter-example: per-channel (sum x, sum x^2) in float32 through the same tree.
+def reduce_power_sums(x, layout="NCHW", blocks=None, slots=None, vec=None):
+    """Counter-example: per-channel (sum x, sum x^2) in float32 through the tree of the forward statistics.
 
     This is what a one-pass kernel computing var = E[x^2] - E[x]^2 would do;
     the chapter shows why it fails when |mean| >> std. No kernel of the package uses it.
     """
-    lay = layout_of(np.shape(x), layout)
-    G = G or reduction_launch(lay, sm_count).G
-
-    def push(acc, v, valid):
+    def push(acc, v, valid, channel):
         a, b = acc
-        return ((a + np.where(valid, v, F32(0))).astype(F32), (b + np.where(valid, v * v, F32(0))).astype(F32))
+        return _select(valid, ((a + v).astype(F32), (b + v * v).astype(F32)), acc)
 
-    tree = _tree_ncs if lay.kind == "ncs" else _tree_mc
-    return tree(lay, G, _as_streams(lay, [x]), push, sums_combine, sums_identity, [F32(0)])
+    return _tree(x, layout, "bn_forward_stats", [x], push, sums_combine, sums_identity, blocks, slots, vec)
 
 
-def forward_stats(x, eps=1e-5, layout="NCHW", G=None, sm_count=132):
+def forward_stats(x, eps=1e-5, layout="NCHW", blocks=None, slots=None, vec=None):
     """The finalizer of ``bn_forward_stats_*`` on the mirrored tree: (mean, biased var, rstd), float32."""
-    n, mean, m2 = reduce_moments(x, layout, G, sm_count)
+    n, mean, m2 = reduce_moments(x, layout, blocks, slots, vec)
     var = (m2 / n.astype(F32)).astype(F32)
     return mean, var, (F32(1) / np.sqrt(var + F32(eps))).astype(F32)
 

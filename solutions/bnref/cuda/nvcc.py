@@ -1,10 +1,12 @@
 """Static checks of the kernel sources with ``nvcc`` (no GPU needed): compile, and read ptxas' resource report.
 
-    python -m bnref.cuda.nvcc [--arch sm_80 sm_90]
+    python -m bnref.cuda.nvcc [--arch sm_75 sm_80 sm_90] [--write]
 
-prints one row per kernel and architecture: registers per thread, spill
-stores/loads, stack frame and static shared memory. The string compiled is
-:func:`bnref.cuda.kernel_source`, the one CuPy hands to NVRTC.
+prints one row per kernel and architecture: registers per thread, spill stores/loads, stack frame, static
+shared memory, and the resident blocks per SM that follow (:func:`bnref.cuda.plan.blocks_per_sm`). The string
+compiled is :func:`bnref.cuda.kernel_source`, the one CuPy hands to NVRTC. ``--write`` also stores the rows
+in the module ``ptxas_report.py`` (:data:`REPORT`), from which the launch planner and the chapter page take
+the occupancy on a machine without nvcc or a GPU. Exits with 1 if a kernel spills.
 """
 import argparse
 import re
@@ -14,12 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from . import COMPILE_OPTIONS, KERNELS, kernel_source
+from . import COMPILE_OPTIONS, KERNELS, kernel_source, plan, ptxas_report
 
-ARCHS = ("sm_80", "sm_90")
+ARCHS = tuple(plan.SM_LIMITS)
+REPORT = Path(ptxas_report.__file__).with_suffix(".py")
 _ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+_RELEASE = re.compile(r"release (\d+\.\d+)")
 
 
 class Resources(NamedTuple):
@@ -31,10 +35,23 @@ class Resources(NamedTuple):
     stack: int
     smem: int
 
+    @property
+    def blocks_per_sm(self):
+        """Resident blocks of 256 threads per SM that these registers and this shared memory allow."""
+        return plan.blocks_per_sm(self.registers, self.smem, self.arch)
+
 
 def nvcc_path():
     """The nvcc on PATH, or None."""
     return shutil.which("nvcc")
+
+
+def nvcc_release():
+    """The CUDA release of the nvcc on PATH, e.g. "13.0" (None without nvcc)."""
+    if nvcc_path() is None:
+        return None
+    found = _RELEASE.search(subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True).stdout)
+    return found.group(1) if found else None
 
 
 def parse_ptxas(log):
@@ -72,29 +89,56 @@ def compile_cubin(file, arch, workdir):
     return parse_ptxas(log)
 
 
+def report(archs=ARCHS):
+    """Every kernel of every file compiled for each of ``archs``: :class:`Resources` rows, file by file."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in KERNELS:
+            for arch in archs:
+                rows += sorted(compile_cubin(file, arch, tmp))
+    return rows
+
+
+def write_report(rows, path=REPORT):
+    """Store ``rows`` as the module ``ptxas_report`` that :func:`bnref.cuda.plan.ptxas_table` reads."""
+    body = "".join(f"    {tuple(r)!r},\n" for r in rows)
+    Path(path).write_text(
+        '"""ptxas\' resource report of the chapter-5 kernels, written by `python -m bnref.cuda.nvcc --write`: '
+        'do not edit."""\n'
+        f"NVCC = {nvcc_release()!r}\nOPTIONS = {(*COMPILE_OPTIONS, '-Xptxas', '-v')!r}\n"
+        f"FIELDS = {Resources._fields!r}\nROWS = [\n{body}]\n")
+
+
+def committed_rows():
+    """The rows of the committed report, as :class:`Resources`, and the nvcc release that wrote them."""
+    return [Resources(*row) for row in ptxas_report.ROWS], ptxas_report.NVCC
+
+
 def format_table(rows):
     """A plain-text table of :class:`Resources` rows."""
-    head = f"{'kernel':26s} {'arch':6s} {'regs':>4s} {'spill st':>8s} {'spill ld':>8s} {'stack':>5s} {'smem B':>6s}"
+    head = (f"{'kernel':28s} {'arch':6s} {'regs':>4s} {'spill st':>8s} {'spill ld':>8s} {'stack':>5s} "
+            f"{'smem B':>6s} {'blocks/SM':>9s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.kernel:26s} {r.arch:6s} {r.registers:4d} {r.spill_stores:8d} {r.spill_loads:8d} "
-                     f"{r.stack:5d} {r.smem:6d}")
+        lines.append(f"{r.kernel:28s} {r.arch:6s} {r.registers:4d} {r.spill_stores:8d} {r.spill_loads:8d} "
+                     f"{r.stack:5d} {r.smem:6d} {r.blocks_per_sm:9d}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=list(ARCHS))
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--write", action="store_true",
+                        help=f"store the rows of every architecture in {REPORT.name} (--arch ignored)")
     args = parser.parse_args(argv)
     if nvcc_path() is None:
         print("nvcc is not on PATH: install the CUDA toolkit to compile the kernels without a GPU.")
         return 1
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for file in KERNELS:
-            for arch in args.arch:
-                rows += sorted(compile_cubin(file, arch, tmp))
+    rows = report(ARCHS if args.write else args.arch)
     print(format_table(rows))
+    if args.write:
+        write_report(rows)
+        print(f"wrote {REPORT}")
     return 0 if all(r.spill_stores == r.spill_loads == 0 for r in rows) else 1
 
 

@@ -1,20 +1,79 @@
-"""Launch shapes of the chapter-5 kernels: pure Python, shared by the CuPy wrappers and the NumPy mirror.
+"""Launch shapes of the chapter-5 kernels: pure Python, shared by the CuPy wrappers, the NumPy mirror and the page.
 
-Everything that decides *which thread handles which element, and in which
-order the partial results merge* lives here, so that ``bnref.cuda.mirror``
-replays exactly the tree the GPU runs. The constants are reasonable defaults
-for recent NVIDIA GPUs; they have not been tuned on hardware yet.
+Every kernel but the simple ``bn_channel_moments_ncs`` runs a *persistent grid* (see ``bn_common.cuh``): P
+blocks, at most as many as the GPU holds at once (its ``slots``: SMs x resident blocks per SM of that kernel),
+so that no block waits for a second, partial wave. The work is T units, numbered group by group, and block b
+owns units [b T // P, (b + 1) T // P): the blocks' shares differ by at most one unit.
+
+=================  ===========================================  =================================
+kernels            unit                                         group
+=================  ===========================================  =================================
+``*_stats_ncs``,   ``CHUNK`` consecutive values (or float4s)    a channel
+``*_reduce_ncs``   of one channel
+``*_mc``           one row of a column of ``bx`` channels       a column of channels
+(all mc kernels)   (``bx`` float4s for the elementwise _vec4)
+``bn_affine_ncs``, ``CHUNK`` consecutive values (or float4s)    the whole tensor (one group)
+``*_dx_ncs``       of the flat tensor
+=================  ===========================================  =================================
+
+Resident blocks per SM come from the kernel itself: on a GPU the wrappers ask the driver (CuPy's occupancy
+API); without one, :func:`blocks_per_sm` computes it from the registers and shared memory ptxas reports,
+committed in ``ptxas_report.py`` by ``python -m bnref.cuda.nvcc --write``. Nothing here has been timed on
+hardware.
 """
 import math
 from typing import NamedTuple
 
-THREADS = 256           # threads per block, every kernel (each is __launch_bounds__(256))
+from . import ptxas_report
+
+THREADS = 256           # threads per block, every kernel (BN_THREADS of bn_common.cuh)
 MC_BLOCK = (32, 8)      # channels-last reductions: 32 channels x 8 rows of threads
-BLOCKS_PER_SM = 8       # 2048 resident threads per SM / 256
-MIN_PER_THREAD = 16     # a reduction block is split no further than 16 values per thread
-WAVES = 2               # elementwise grids: about this many full waves of resident blocks
-MAX_GRID_Y = 65535
-MAX_GRID_X = 2**31 - 1
+CHUNK = 32              # ncs unit: 32 values or float4s, one warp's load (BN_CHUNK)
+LOAD_BYTES = 32         # bytes a thread loads per step before using any of them (BN_LOAD_BYTES)
+MIN_PER_THREAD = 16     # a reduction uses fewer blocks rather than give a thread fewer values than this
+MAX_PER_CHANNEL = 2**31 - 2**10   # values per channel: the kernels count them in 32 bits, one step past the end
+
+
+class SMLimits(NamedTuple):
+    """What one streaming multiprocessor holds at once (CUDA C Programming Guide, compute capabilities)."""
+
+    threads: int          # resident threads
+    blocks: int           # resident blocks
+    registers: int        # 32-bit registers
+    shared: int           # shared memory for blocks, bytes
+    reserved_shared: int  # shared memory the system takes per block, bytes
+
+
+SM_LIMITS = {
+    "sm_75": SMLimits(1024, 16, 65536, 65536, 0),        # Turing: T4
+    "sm_80": SMLimits(2048, 32, 65536, 167936, 1024),    # A100
+    "sm_90": SMLimits(2048, 32, 65536, 233472, 1024),    # H100, H200
+}
+#: name -> (architecture, SMs): the GPUs the page and the tests plan for
+GPUS = {"H200": ("sm_90", 132), "A100": ("sm_80", 108), "T4": ("sm_75", 40)}
+
+
+def blocks_per_sm(registers, shared, arch, threads=THREADS):
+    """Resident blocks per SM of a kernel with ``registers`` per thread and ``shared`` bytes of static shared
+    memory per block, on ``arch``: CUDA's occupancy rule (registers are allocated per warp, 256 at a time)."""
+    sm = SM_LIMITS[arch]
+    warps = -(-threads // 32)
+    per_warp = max(1, -(-registers * 32 // 256)) * 256
+    by_shared = sm.shared // (shared + sm.reserved_shared) if shared + sm.reserved_shared else sm.blocks
+    return min(sm.blocks, sm.threads // threads, sm.registers // per_warp // warps, by_shared)
+
+
+def ptxas_table():
+    """The committed ptxas report: {(kernel, arch): row}, each row a dict of ``ptxas_report.FIELDS``
+    (``registers``, ``smem``, the spills)."""
+    return {row[:2]: dict(zip(ptxas_report.FIELDS, row)) for row in ptxas_report.ROWS}
+
+
+def resident_blocks(kernel, gpu="H200"):
+    """Blocks of ``kernel`` that a whole ``gpu`` (a key of :data:`GPUS`) holds at once, from the ptxas report."""
+    arch, sms = GPUS[gpu]
+    row = ptxas_table()[(kernel, arch)]
+    return sms * blocks_per_sm(row["registers"], row["smem"], arch)
 
 
 class Layout(NamedTuple):
@@ -50,34 +109,61 @@ def layout_of(shape, layout="NCHW"):
     return Layout("ncs", shape[0], shape[1], math.prod(shape[2:]))
 
 
-def blocks_per_channel(per_channel, groups, rows_per_block, sm_count):
-    """G, the number of blocks that share one channel (ncs) or one column of 32 channels (mc).
-
-    Enough blocks for about one full wave of the GPU (``BLOCKS_PER_SM * sm_count``
-    in all, over ``groups`` channels or channel columns), but no fewer than
-    ``MIN_PER_THREAD`` values per thread row.
-    """
-    target = -(-BLOCKS_PER_SM * sm_count // groups)
-    enough_work = -(-per_channel // (rows_per_block * MIN_PER_THREAD))
-    return max(1, min(target, enough_work, MAX_GRID_Y))
+def vector_width(lay, aligned):
+    """4 when every row is a whole number of float4s and the arrays are 16-byte aligned, else 1."""
+    row = lay.S if lay.kind == "ncs" else lay.C
+    return 4 if aligned and row % 4 == 0 else 1
 
 
-class ReductionLaunch(NamedTuple):
+class Launch(NamedTuple):
+    """A persistent grid: ``grid[0]`` blocks share ``units`` units, numbered group by group, ``per_group`` each."""
+
     grid: tuple
     block: tuple
-    G: int          # blocks per channel (ncs) or per column of channels (mc)
-    counters: int   # arrival counters needed by the grid-level merge
+    units: int
+    per_group: int
+
+    @property
+    def blocks(self):
+        return self.grid[0]
+
+    @property
+    def groups(self):
+        return self.units // self.per_group
+
+    @property
+    def partial_slots(self):
+        """Slots of the reductions' workspace: block b's partial of group g goes to slot b + g."""
+        return self.blocks + self.groups
+
+    def share(self, b):
+        """Units [lo, hi) of block b: lo = floor(b T / P), as ``split_point`` in bn_common.cuh."""
+        return self.units * b // self.blocks, self.units * (b + 1) // self.blocks
 
 
-def reduction_launch(lay, sm_count, G=None):
-    """Grid and block of ``bn_forward_stats_*`` and ``bn_backward_reduce_*`` for a :class:`Layout`."""
+def _persistent(units, per_group, block, slots, most=None):
+    """A :class:`Launch` of min(slots, units, most) blocks (at least one)."""
+    blocks = max(1, min(slots, units, most or units))
+    return Launch((blocks, 1, 1), block, units, per_group)
+
+
+def reduction_launch(lay, vec, slots, blocks=None):
+    """Grid of ``bn_forward_stats_*`` and ``bn_backward_reduce_*`` (``vec``: 4 for the ncs _vec4 kernels, else 1).
+
+    ``slots``: resident blocks of the kernel on the whole GPU. Fewer blocks when the tensor is small, so that
+    each thread still folds ``MIN_PER_THREAD`` values; ``blocks`` overrides the count (tests use it to force a
+    grid-level merge).
+    """
     if lay.kind == "ncs":
-        G = G or blocks_per_channel(lay.per_channel, lay.C, THREADS, sm_count)
-        return ReductionLaunch((G, lay.C, 1), (THREADS, 1, 1), G, lay.C)
-    bx, by = MC_BLOCK
-    columns = -(-lay.C // bx)
-    G = G or blocks_per_channel(lay.N, columns, by, sm_count)
-    return ReductionLaunch((columns, G, 1), (bx, by, 1), G, columns)
+        per_group = -(-lay.N * (lay.S // vec) // CHUNK)
+        units, block, values = per_group * lay.C, (THREADS, 1, 1), lay.per_channel * lay.C
+    else:
+        bx, by = MC_BLOCK
+        per_group = lay.N
+        units, block = per_group * -(-lay.C // bx), (bx, by, 1)
+        values = units * bx          # threads x rows, idle lanes of a partial column included
+    most = blocks or max(1, values // (THREADS * MIN_PER_THREAD))
+    return _persistent(units, per_group, block, blocks or slots, most)
 
 
 def row_block(width):
@@ -90,28 +176,38 @@ def row_block(width):
     return bx, THREADS // bx
 
 
-def elementwise_launch(lay, vec, sm_count):
-    """Grid and block of ``bn_affine_*`` and ``bn_backward_dx_*`` (``vec`` = 1 or 4 floats per thread access).
+def elementwise_launch(lay, vec, slots):
+    """Grid of ``bn_affine_*`` and ``bn_backward_dx_*`` (``vec`` = 1 or 4 floats per thread access).
 
-    ncs: rows are the N*C (sample, channel) pairs, S/vec vectors long; mc: rows
-    are the M samples, C/vec vectors wide. Threads along x cover a row, and the
-    grid strides over rows to stay near ``WAVES`` full waves of blocks.
+    ncs: the flat tensor in chunks of ``CHUNK`` vectors, 1-D blocks; mc: rows of columns of ``bx`` vectors,
+    2-D blocks (bx, by) from :func:`row_block`. Every slot gets a block unless there are fewer units.
     """
-    target = WAVES * BLOCKS_PER_SM * sm_count
     if lay.kind == "ncs":
-        rows, width = lay.N * lay.C, lay.S // vec
-        bx, by = row_block(width)
-        grid_y = min(-(-width // bx), MAX_GRID_Y)
-        grid_x = max(1, min(-(-rows // by), -(-target // grid_y), MAX_GRID_X))
-        return (grid_x, grid_y, 1), (bx, by, 1)
-    rows, width = lay.N, lay.C // vec
-    bx, by = row_block(width)
-    grid_x = -(-width // bx)
-    grid_y = max(1, min(-(-rows // by), -(-target // grid_x), MAX_GRID_Y))
-    return (grid_x, grid_y, 1), (bx, by, 1)
+        units = -(-lay.N * lay.C * (lay.S // vec) // CHUNK)
+        return _persistent(units, units, (THREADS, 1, 1), slots)
+    bx, by = row_block(lay.C // vec)
+    return _persistent(-(-(lay.C // vec) // bx) * lay.N, lay.N, (bx, by, 1), slots)
 
 
-def vector_width(lay, aligned):
-    """4 when every row is a whole number of float4s and the arrays are 16-byte aligned, else 1."""
-    row = lay.S if lay.kind == "ncs" else lay.C
-    return 4 if aligned and row % 4 == 0 else 1
+class Segment(NamedTuple):
+    """Group ``group``'s part of block ``block``'s share: units [lo, hi) counted from the group's first."""
+
+    block: int
+    group: int
+    lo: int
+    hi: int
+
+
+def segments(launch):
+    """Every :class:`Segment` of the split, in slot order (block + group increasing), as ``BlockWork`` in
+    bn_common.cuh walks them: a group's segments are consecutive, in block order."""
+    out = []
+    Q = launch.per_group
+    for b in range(launch.blocks):
+        k, end = launch.share(b)
+        while k < end:
+            g = k // Q
+            hi = min(end, (g + 1) * Q)
+            out.append(Segment(b, g, k - g * Q, hi - g * Q))
+            k = hi
+    return out

@@ -10,17 +10,27 @@ the bytes it moves. Per float32 value, at best:
   writes dx: 20 bytes.
 
 Dividing by the device's measured copy bandwidth gives the *floor* time of
-each pass. The benchmark's GB/s column follows the usual convention instead,
-2 * numel * 4 bytes for a forward and 3 * numel * 4 for a backward (each
-tensor touched once).
+each pass. It is a floor only if the second read comes from HBM: when the
+tensors read twice fit in L2 (``REREAD_BYTES`` per value), it may come from
+there, and a row of the results is marked ``l2_resident``. The benchmark's GB/s
+column follows the usual convention, 2 * numel * 4 bytes for a forward and
+3 * numel * 4 for a backward (each tensor touched once); the effective GB/s
+column counts the floor's bytes, re-reads included.
+
+Little's law sets how many bytes each SM must keep in flight to reach a
+bandwidth: bandwidth x latency / SMs (:func:`bytes_in_flight_needed`); the
+kernels keep resident threads x ``plan.LOAD_BYTES`` (:func:`bytes_in_flight`).
 """
 import json
 import math
 from pathlib import Path
 
+from . import plan
+
 PASSES = ("forward_inference", "forward_train", "backward")
 FLOOR_BYTES = {"forward_inference": 8, "forward_train": 12, "backward": 20}
 NOMINAL_BYTES = {"forward_inference": 8, "forward_train": 8, "backward": 12}
+REREAD_BYTES = {"forward_inference": 0, "forward_train": 4, "backward": 8}
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "gpu"
 
 
@@ -34,14 +44,51 @@ def nominal_gbps(numel, pass_name, ms):
     return NOMINAL_BYTES[pass_name] * numel / (ms * 1e-3) / 1e9
 
 
+def effective_gbps(numel, pass_name, ms):
+    """GB/s counting the FLOOR_BYTES each pass must move, the statistics' re-reads included."""
+    return FLOOR_BYTES[pass_name] * numel / (ms * 1e-3) / 1e9
+
+
+def l2_resident(numel, pass_name, l2_bytes):
+    """True when the tensors a pass reads twice fit in L2: the re-read may hit there, and the floor is no floor."""
+    return 0 < REREAD_BYTES[pass_name] * numel <= l2_bytes
+
+
+def bytes_in_flight_needed(gbps, latency_ns, sms):
+    """Little's law per SM: the bytes each of ``sms`` SMs must have requested and not yet received to sustain
+    ``gbps`` (1e9 B/s) when a load takes ``latency_ns``."""
+    return gbps * 1e9 * latency_ns * 1e-9 / sms
+
+
+def bytes_in_flight(kernel, gpu="H200"):
+    """Bytes a full SM of ``kernel`` has in flight at best: resident threads (from the ptxas report) times the
+    ``plan.LOAD_BYTES`` each issues before using any."""
+    sms = plan.GPUS[gpu][1]
+    return plan.resident_blocks(kernel, gpu) // sms * plan.THREADS * plan.LOAD_BYTES
+
+
+def torch_backend(kernels):
+    """What torch ran, from the CUDA kernel names its profiler recorded: "cuDNN", "native" (every kernel in
+    at::native), "other", or None (not recorded)."""
+    if not kernels:
+        return None
+    if any("cudnn" in k.lower() for k in kernels):
+        return "cuDNN"
+    return "native" if all("at::native" in k for k in kernels) else "other"
+
+
 def load_results(folder=RESULTS_DIR):
     """Every ``<gpu>.json`` written by benchmarks/gpu_batchnorm.py in ``folder``, sorted by file name."""
     folder = Path(folder)
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def shape_label(shape):
-    return "×".join(str(s) for s in shape)
+def shape_label(shape, layout="NCHW"):
+    return "×".join(str(s) for s in shape) + ("" if layout == "NCHW" else f" {layout}")
+
+
+def _row_label(row):
+    return shape_label(row["shape"], row.get("layout", "NCHW"))   # files before the NHWC rows have no layout
 
 
 def plot_floors(shapes, ax):
@@ -58,20 +105,24 @@ def plot_floors(shapes, ax):
 
 
 def plot_results(results, ax):
-    """Measured time over the floor per shape and pass (1 = at the copy bandwidth), ours and torch with cuDNN."""
+    """Measured time over the floor per shape (and layout) and pass (1 = at the copy bandwidth), ours and torch
+    with cuDNN enabled (which torch uses only for 3-D and larger inputs). Rows whose re-read fits in L2 are
+    drawn in grey: their floor is not a floor."""
     markers = {"forward_inference": "o", "forward_train": "s", "backward": "^"}
     for r_i, result in enumerate(results):
         rows = result["rows"]
-        shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
+        labels = list(dict.fromkeys(_row_label(r) for r in rows))
         for pass_name in PASSES:
             sel = [r for r in rows if r["pass"] == pass_name]
-            xs = [shapes.index(tuple(r["shape"])) + 0.08 * r_i for r in sel]
-            ax.plot(xs, [r["ours_over_floor"] for r in sel], markers[pass_name], color=f"C{r_i}",
-                    label=f"ours, {pass_name.replace('_', ' ')} ({result['device']})")
+            xs = [labels.index(_row_label(r)) + 0.08 * r_i for r in sel]
+            colors = ["0.6" if r.get("l2_resident") else f"C{r_i}" for r in sel]
+            ax.scatter(xs, [r["ours_over_floor"] for r in sel], marker=markers[pass_name], c=colors,
+                       label=f"ours, {pass_name.replace('_', ' ')} ({result['device']})")
             if all(r.get("torch_cudnn_ms") is not None for r in sel) and sel:
-                ax.plot(xs, [r["torch_cudnn_ms"] / r["floor_ms"] for r in sel], markers[pass_name],
-                        mfc="none", color=f"C{r_i}", label=f"torch + cuDNN, {pass_name.replace('_', ' ')}")
-        ax.set_xticks(range(len(shapes)), [shape_label(s) for s in shapes], rotation=20, ha="right")
+                ax.scatter(xs, [r["torch_cudnn_ms"] / r["floor_ms"] for r in sel], marker=markers[pass_name],
+                           facecolors="none", edgecolors=colors,
+                           label=f"torch, cuDNN enabled, {pass_name.replace('_', ' ')}")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
     ax.axhline(1.0, color="k", lw=1)
     ax.axhline(1.15, color="k", lw=1, ls="--")
     ax.set_ylabel("time / floor time")
@@ -79,17 +130,20 @@ def plot_results(results, ax):
 
 
 def results_table(result):
-    """A plain-text table of one results file."""
+    """A plain-text table of one results file (L2: the re-read fits in L2, so /floor is no bound; "ran": the
+    kernels torch ran with cuDNN enabled, which are its native ones below 3-D)."""
+    method = result.get("method", "L2 flushed")
     head = (f"{result['device']}, {result['date']}: measured copy {result['copy_gbps']:.0f} GB/s, "
-            f"median of {result['repeats']} runs, L2 flushed\n"
-            f"{'shape':>18s} {'pass':>17s} {'ours ms':>9s} {'GB/s':>6s} {'% copy':>6s} {'/floor':>6s} "
-            f"{'torch/ours cuDNN':>16s} {'native':>6s}")
+            f"median of {result['repeats']} runs, {method}\n"
+            f"{'shape':>22s} {'pass':>17s} {'ours ms':>9s} {'host us':>7s} {'GB/s':>6s} {'eff GB/s':>8s} "
+            f"{'% copy':>6s} {'/floor':>6s} {'L2':>2s} {'torch/ours cuDNN on (ran)':>25s} {'off':>6s}")
     lines = [head]
     for r in result["rows"]:
         def fmt(key, spec):
             return format(r[key], spec) if r.get(key) is not None else "-"
-        lines.append(f"{shape_label(r['shape']):>18s} {r['pass']:>17s} {fmt('ours_ms', '9.3f')} "
-                     f"{fmt('ours_gbps', '6.0f')} {fmt('ours_pct_copy', '6.1f')} {fmt('ours_over_floor', '6.2f')} "
-                     f"{fmt('torch_cudnn_over_ours', '16.2f')} {fmt('torch_native_over_ours', '6.2f')}")
+        lines.append(f"{_row_label(r):>22s} {r['pass']:>17s} {fmt('ours_ms', '9.3f')} {fmt('ours_host_us', '7.1f')} "
+                     f"{fmt('ours_gbps', '6.0f')} {fmt('ours_eff_gbps', '8.0f')} {fmt('ours_pct_copy', '6.1f')} "
+                     f"{fmt('ours_over_floor', '6.2f')} {'L2' if r.get('l2_resident') else '':>2s} "
+                     f"{fmt('torch_cudnn_over_ours', '16.2f')} {torch_backend(r.get('torch_cudnn_kernels')) or '':>8s} "
+                     f"{fmt('torch_native_over_ours', '6.2f')}")
     return "\n".join(lines)
-
