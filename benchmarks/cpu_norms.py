@@ -30,8 +30,12 @@ LN_SHAPES = [(4096, 1024), (256, 4096)]  # (N, D): features of fully connected l
 GN_SHAPES = [((32, 64, 32, 32), 32), ((8, 256, 14, 14), 32), ((32, 64, 32, 32), 64)]  # (N, C, H, W), groups
 
 
-def ln_case(shape, dtype, rng):
-    """Callables (ours forward, torch forward, ours fwd+bwd, torch fwd+bwd) for layer norm on ``shape``."""
+def norm_case(shape, dtype, rng, ours_forward, ours_backward, torch_forward):
+    """Callables (ours forward, torch forward, ours fwd+bwd, torch fwd+bwd) for one layer on ``shape``.
+
+    ``ours_forward(x, gamma, beta) -> (out, cache)``, ``ours_backward(dout, cache)`` and
+    ``torch_forward(x, gamma, beta) -> out`` (tensors) with gamma, beta of shape (C,) = (shape[1],).
+    """
     x = rng.standard_normal(shape).astype(dtype)
     dout = rng.standard_normal(shape).astype(dtype)
     gamma, beta = np.ones(shape[1], dtype), np.zeros(shape[1], dtype)
@@ -39,41 +43,28 @@ def ln_case(shape, dtype, rng):
     xg, gg, bg = (t.clone().requires_grad_() for t in (xt, gt, bt))
 
     def ours_fwd_bwd():
-        _, cache = bnref.layernorm_forward(x, gamma, beta)
-        bnref.layernorm_backward(dout, cache)
+        ours_backward(dout, ours_forward(x, gamma, beta)[1])
 
     def torch_fwd():
         with torch.no_grad():
-            F.layer_norm(xt, (shape[1],), gt, bt, eps=1e-5)
+            torch_forward(xt, gt, bt)
 
     def torch_fwd_bwd():
-        y = F.layer_norm(xg, (shape[1],), gg, bg, eps=1e-5)
-        torch.autograd.grad(y, (xg, gg, bg), dt)
+        torch.autograd.grad(torch_forward(xg, gg, bg), (xg, gg, bg), dt)
 
-    return lambda: bnref.layernorm_forward(x, gamma, beta), torch_fwd, ours_fwd_bwd, torch_fwd_bwd
+    return lambda: ours_forward(x, gamma, beta), torch_fwd, ours_fwd_bwd, torch_fwd_bwd
+
+
+def ln_case(shape, dtype, rng):
+    """Layer norm over the D features of an (N, D) batch."""
+    return norm_case(shape, dtype, rng, bnref.layernorm_forward, bnref.layernorm_backward,
+                     lambda x, g, b: F.layer_norm(x, (shape[1],), g, b, eps=1e-5))
 
 
 def gn_case(shape, groups, dtype, rng):
-    """The same four callables for group norm with ``groups`` groups on ``shape``."""
-    x = rng.standard_normal(shape).astype(dtype)
-    dout = rng.standard_normal(shape).astype(dtype)
-    gamma, beta = np.ones(shape[1], dtype), np.zeros(shape[1], dtype)
-    xt, gt, bt, dt = (torch.from_numpy(a) for a in (x, gamma, beta, dout))
-    xg, gg, bg = (t.clone().requires_grad_() for t in (xt, gt, bt))
-
-    def ours_fwd_bwd():
-        _, cache = bnref.groupnorm_forward(x, gamma, beta, groups)
-        bnref.groupnorm_backward(dout, cache)
-
-    def torch_fwd():
-        with torch.no_grad():
-            F.group_norm(xt, groups, gt, bt, eps=1e-5)
-
-    def torch_fwd_bwd():
-        y = F.group_norm(xg, groups, gg, bg, eps=1e-5)
-        torch.autograd.grad(y, (xg, gg, bg), dt)
-
-    return lambda: bnref.groupnorm_forward(x, gamma, beta, groups), torch_fwd, ours_fwd_bwd, torch_fwd_bwd
+    """Group norm with ``groups`` groups of an (N, C, H, W) batch."""
+    return norm_case(shape, dtype, rng, lambda x, g, b: bnref.groupnorm_forward(x, g, b, groups),
+                     bnref.groupnorm_backward, lambda x, g, b: F.group_norm(x, groups, g, b, eps=1e-5))
 
 
 def main():

@@ -202,7 +202,7 @@ def test_a_counter_that_is_not_reset_breaks_the_second_launch(cp, mutate):
 def test_a_last_chunk_not_cut_at_the_end_is_an_out_of_bounds_write(cp, mutate):
     """3*5*7*11 = 1155 values are 36 chunks of 32 and 3 more: the last block must stop at the end, not at its
     chunk's."""
-    mutate("bn_affine.cu", "hi = end < total ? end : total;", "hi = end;")
+    mutate("bn_affine.cu", "end < total ? end : total}", "end}")  # chunk_share, from bn_common.cuh
     with pytest.raises(emulator.EmulatorError, match="out-of-bounds write"):
         gpu.batchnorm_forward_gpu(cp.asarray(X), cp.ones(5), cp.zeros(5))
 

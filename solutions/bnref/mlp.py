@@ -345,11 +345,7 @@ def train_epoch(model, x, y, lr, batch_size, rng):
     losses = []
     for start in progress(range(0, len(x) - batch_size + 1, batch_size), desc="steps", leave=False):
         batch = order[start:start + batch_size]
-        loss, dscores = softmax_cross_entropy(model.forward(x[batch]), y[batch])
-        model.backward(dscores)
-        model.run_update_ops()
-        model.sgd_step(lr)
-        losses.append(loss)
+        losses.append(sgd_step(model, x[batch], y[batch], lr))
     return np.array(losses)
 
 
@@ -382,12 +378,21 @@ def train_steps(model, x, y, lr, batches, steps):
     losses = []
     for _ in progress(range(steps), desc="steps", leave=False):
         batch = next(batches)
-        loss, dscores = softmax_cross_entropy(model.forward(x[batch]), y[batch])
-        model.backward(dscores)
-        model.run_update_ops()
-        model.sgd_step(lr)
-        losses.append(loss)
+        losses.append(sgd_step(model, x[batch], y[batch], lr))
     return np.array(losses)
+
+
+def sgd_step(model, xb, yb, lr):
+    """One step of SGD on a mini-batch xb (B, D), yb (B,): forward, backward, running-stat updates, update.
+
+    Returns:
+        the batch's training loss (a float).
+    """
+    loss, dscores = softmax_cross_entropy(model.forward(xb), yb)
+    model.backward(dscores)
+    model.run_update_ops()
+    model.sgd_step(lr)
+    return loss
 
 
 def evaluate(model, x, y):

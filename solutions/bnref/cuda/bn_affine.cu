@@ -46,9 +46,8 @@ __device__ __forceinline__ void affine_rows(const T* __restrict__ x, T* __restri
                                             const float* __restrict__ mean, const float* __restrict__ stat,
                                             const float* __restrict__ gamma, const float* __restrict__ beta,
                                             float eps, int stat_is_var) {
-    const long long total = R * S, chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
-    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK, hi = end < total ? end : total;
-    const long long i = split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x;
+    const ChunkShare share = chunk_share(R * S);
+    const long long i = share.i, hi = share.hi;
     if (i >= hi) return;
     const int stride = blockDim.x;
     RowChannel at(i, stride, S, C);

@@ -162,9 +162,8 @@ template <class T>
 __device__ __forceinline__ void dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long R, int C, int S, const float* __restrict__ save_mean,
                                         const float* __restrict__ coef) {
-    const long long total = R * S, chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
-    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK, hi = end < total ? end : total;
-    const long long i = split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x;
+    const ChunkShare share = chunk_share(R * S);
+    const long long i = share.i, hi = share.hi;
     if (i >= hi) return;
     const int stride = blockDim.x;
     RowChannel at(i, stride, S, C);

@@ -57,6 +57,18 @@ __device__ __forceinline__ long long split_point(long long T, unsigned int b) {
     return (long long)((unsigned long long)T * b / gridDim.x);
 }
 
+// This block's share of `total` elementwise values, in whole chunks of BN_CHUNK: the thread's first
+// index i and the end hi of the share (hi <= total). The thread then visits i, i + blockDim.x, ... < hi.
+struct ChunkShare {
+    long long i, hi;
+};
+
+__device__ __forceinline__ ChunkShare chunk_share(long long total) {
+    const long long chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
+    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK;
+    return {split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x, end < total ? end : total};
+}
+
 // The block whose share holds unit k: the largest b with split_point(T, b) <= k.
 __device__ __forceinline__ unsigned int owner(long long T, long long k) {
     return (unsigned int)(((unsigned long long)(k + 1) * gridDim.x - 1) / (unsigned long long)T);
