@@ -183,3 +183,26 @@ def test_a_rank_that_skips_an_all_reduce_fails_with_a_message_not_a_hang(monkeyp
 
     with pytest.raises(AssertionError, match="the same number of times"):
         ch08.check_syncbn_forward(forward)
+
+
+@pytest.mark.parametrize("cell,source,banned", [
+    ("groupnorm_forward", "def groupnorm_forward(x, gamma, beta, groups, eps=1e-5):\n"
+     "    return torch.nn.functional.group_norm(torch.from_numpy(x), groups).numpy(), None\n", "group_norm"),
+    ("layernorm_forward", "from torch.nn import LayerNorm\ndef layernorm_forward(x, gamma, beta, eps=1e-5):\n"
+     "    return LayerNorm(x.shape[1])(x), None\n", "LayerNorm"),
+    ("syncbn", "import torch.distributed as dist\ndef syncbn_forward(x, *args):\n"
+     "    dist.all_reduce(x)\n    return x, None\n", "all_reduce"),
+])
+def test_the_scan_bans_framework_norms_and_collectives_in_chapter_8(cell, source, banned):
+    from bngrade import scan
+
+    names, _ = scan.scan("ch08_beyond_bn", {cell: source})
+    assert banned in next(iter(names.values()))
+
+
+def test_the_scan_leaves_numpy_reductions_alone_in_chapter_8():
+    from bngrade import scan
+
+    source = ("def merge_moments(parts):\n    counts = np.add.reduce([p[0] for p in parts])\n"
+              "    return counts, np.broadcast_to(parts[0][1], (2,)), parts[0][2]\n")
+    assert scan.scan("ch08_beyond_bn", {"merge_moments": source})[0] == {}

@@ -46,6 +46,13 @@ def _framework_ops(tree, forbidden):
     """Forbidden ops used in ``tree``: attributes of a framework module (``F.batch_norm``) or imported names."""
     found = set()
     imported = set()
+    bases = set(FRAMEWORKS)
+    for node in ast.walk(tree):  # `import torch.distributed as dist`: dist is a framework module too
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in ("torch", "tensorflow", "keras", "jax", "sklearn", "cupy"):
+                    bases.add(alias.asname or alias.name.split(".")[0])
+                    found |= set(alias.name.split(".")[1:]) & forbidden
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("torch", "tensorflow", "keras",
                                                                                         "jax", "sklearn", "cupy"):
@@ -55,7 +62,7 @@ def _framework_ops(tree, forbidden):
             base = node.value
             while isinstance(base, ast.Attribute):
                 base = base.value
-            if isinstance(base, ast.Name) and (base.id in FRAMEWORKS or base.id in imported):
+            if isinstance(base, ast.Name) and (base.id in bases or base.id in imported):
                 found.add(node.attr)
         elif isinstance(node, ast.Name) and node.id in imported:
             found.add(node.id)
