@@ -53,3 +53,14 @@ def test_training_by_steps_lowers_the_loss_and_reports_eval_accuracy():
     assert history["acc"][-1] > 0.9
     with pytest.raises(ValueError, match="exactly one of epochs or steps"):
         train_cnn(make_cnn(None), x, y, x, y, lr=0.1)
+
+
+def test_the_network_is_float32_whatever_torch_s_default_dtype(monkeypatch):
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)  # as some exercise notebooks do
+        model = make_cnn("gn", seed=0)
+    finally:
+        torch.set_default_dtype(default)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), _weights(make_cnn("gn", seed=0))))

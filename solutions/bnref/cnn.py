@@ -37,6 +37,7 @@ from .progress import progress
 
 NORMS = (None, "bn", "gn", "ln", "in")
 CHANNELS = (16, 32)
+DTYPE = torch.float32  # explicit: the network does not depend on torch's default dtype (a notebook may change it)
 
 
 def norm_layer(norm, channels, groups=8):
@@ -48,15 +49,15 @@ def norm_layer(norm, channels, groups=8):
     if norm is None:
         return None
     if norm == "bn":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, dtype=DTYPE)
     if norm == "gn":
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(groups, channels, dtype=DTYPE)
     if norm == "ln":
-        return nn.GroupNorm(1, channels)
+        return nn.GroupNorm(1, channels, dtype=DTYPE)
     if norm == "in":
-        return nn.GroupNorm(channels, channels)
+        return nn.GroupNorm(channels, channels, dtype=DTYPE)
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
@@ -73,14 +74,14 @@ def make_cnn(norm=None, groups=8, seed=0, channels=CHANNELS, num_classes=10, ima
     torch.manual_seed(seed)
     layers, c_in = [], 1
     for c_out in channels:
-        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)  # the bias is drawn for every norm ...
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=True, dtype=DTYPE)  # the bias is drawn for every norm ...
         layer = norm_layer(norm, c_out, groups)
         if layer is not None:
             conv.bias = None  # ... and dropped before a normalization, keeping the random stream aligned
         layers += [conv] + ([layer] if layer is not None else []) + [nn.ReLU()]
         c_in = c_out
     side = image_size // 2
-    layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c_in * side * side, num_classes)]
+    layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c_in * side * side, num_classes, dtype=DTYPE)]
     return nn.Sequential(*layers)
 
 
