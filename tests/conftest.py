@@ -16,6 +16,16 @@ from class_roster import ROSTER, write_class  # noqa: E402
 from emulated_gpu import gpu_for  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def torch_default_dtype_restored():
+    """Exercise code run in-process may call torch.set_default_dtype(float64); no test sees another's choice."""
+    import torch
+
+    default = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(default)
+
+
 @pytest.fixture(scope="session")
 def course(tmp_path_factory):
     """A fresh course directory with every assignment released (not copied into the book)."""

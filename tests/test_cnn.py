@@ -25,7 +25,7 @@ def test_every_norm_starts_from_the_same_filters_and_linear_layer():
 
 @pytest.mark.parametrize("norm,statistics_over", [("bn", (0, 2, 3)), ("gn", None), ("ln", (1, 2, 3)), ("in", (2, 3))])
 def test_norm_layers_take_their_statistics_over_the_named_axes(norm, statistics_over):
-    x = torch.randn(4, 16, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    x = torch.randn(4, 16, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 3 + 2
     layer = norm_layer(norm, 16, groups=8).train()
     y = layer(x).detach()
     if statistics_over is None:  # 8 groups of 2 consecutive channels
