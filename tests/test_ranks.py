@@ -57,6 +57,39 @@ def test_a_rank_s_own_error_is_reported_not_the_others_aborted_waits(backend):
     assert not multiprocessing.active_children()
 
 
+def test_a_rank_s_own_error_wins_over_another_rank_s_broken_join(monkeypatch):
+    """The race CI met: rank 2 joins, fails and leaves while rank 0 is still connecting, so rank 0's
+    init_process_group raises "Connection closed by peer". Staged here without the race: rank 0's join fails,
+    ranks 1 and 2 skip it (so rank 1's all_reduce fails too)."""
+    import torch.distributed as dist
+
+    def join(*args, rank, **kwargs):
+        if rank == 0:
+            raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
+
+    def fail(rank, all_reduce):
+        if rank == 2:
+            raise KeyError("rank 2's own error")
+        return all_reduce(np.ones(1))
+
+    monkeypatch.setattr(dist, "init_process_group", join)
+    with pytest.raises(RuntimeError, match="rank 2: KeyError: \"rank 2's own error\"") as info:
+        run_gloo(fail, [(0,), (1,), (2,)], 10)
+    assert not isinstance(info.value, RankError)
+    assert not multiprocessing.active_children()
+
+
+def test_a_join_that_fails_on_every_rank_is_reported_as_such(monkeypatch):
+    import torch.distributed as dist
+
+    def join(*args, rank, **kwargs):
+        raise RuntimeError("address already in use")
+
+    monkeypatch.setattr(dist, "init_process_group", join)
+    with pytest.raises(RankError, match=r"rank 0 could not join the other ranks \(address already in use\)"):
+        run_gloo(lambda rank, all_reduce: rank, [(0,), (1,)], 10)
+
+
 def test_a_thread_that_hangs_outside_all_reduce_stops_the_run_at_the_timeout():
     release = threading.Event()
 

@@ -145,7 +145,7 @@ def _free_port():
 def _gloo_rank(fn, args, rank, world, port, timeout, conn):
     """The body of one gloo process: join the group, run ``fn``, send back (kind, result or message, traffic).
 
-    ``kind`` is "ok", "error" (the function's own error) or "peer" (lost the other ranks).
+    ``kind`` is "ok", "error" (the function's own error) or "peer" (could not join, or lost, the other ranks).
     """
     import torch
     import torch.distributed as dist
@@ -165,8 +165,12 @@ def _gloo_rank(fn, args, rank, world, port, timeout, conn):
                             "(another rank failed or returned early)") from None
 
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout))
+        try:  # joining is collective too: a rank that fails right after joining can break the others' join
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout))
+        except Exception as exc:  # noqa: BLE001 - reported as a lost peer; a rank's own error wins over it
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise RankError(f"rank {rank} could not join the other ranks ({reason})") from None
 
         def all_reduce(array):
             tensor = torch.from_numpy(np.array(array, copy=True))
