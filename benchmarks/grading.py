@@ -5,7 +5,8 @@ Prints two tables measured in this run:
 * the same solved notebook executed by the same runner in a bubblewrap sandbox and in a plain subprocess
   (alternating, median of ``--repeats``): the sandbox's overhead per notebook (goal: <= 0.5 s);
 * a class of ``--students`` solved notebooks graded end to end (record, sandboxed autograde, judge,
-  feedback, export) with ``-j 1`` and ``-j 2``: seconds, seconds per notebook, and the speed-up (goal: >= 1.8x).
+  feedback, export) with ``-j 1`` and ``-j 2``: seconds, seconds per notebook, the speed-up (goal: >= 1.8x), and
+  the span of each phase (from its first start to its last end).
 
     python benchmarks/grading.py [--assignment ch02_batchnorm_forward] [--students 8] [--repeats 3]
 """
@@ -52,19 +53,42 @@ def overhead(course, assignment, repeats):
     return statistics.median(times[True]), statistics.median(times[False])
 
 
+PHASES = {"record": "record_scripts", "autograde": "autograde_student", "feedback": "write_feedback",
+          "export": "export_grades"}
+
+
 def class_time(assignment, students, jobs):
-    """Seconds to grade ``students`` solved notebooks with ``jobs`` parallel jobs, in a fresh course."""
+    """Seconds to grade ``students`` solved notebooks with ``jobs`` parallel jobs, in a fresh course, and
+    {phase: seconds from its first start to its last end} (phases overlap when jobs run at once)."""
+    spans = {phase: [] for phase in PHASES}
+
+    def timed(phase, fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans[phase].append((start, time.perf_counter()))
+        return run
+
     with tempfile.TemporaryDirectory() as tmp:
         course = Course(Path(tmp) / "course")
         released = course.release(assignment, publish=False)
         folder = Path(tmp) / "class"
         for i in range(students):
             make_submission(released, assignment, folder / f"s{i}" / f"{assignment}.ipynb")
-        start = time.perf_counter()
-        report, _ = grading.grade_class(course, assignment, folder, progress=False, jobs=jobs)
-        seconds = time.perf_counter() - start
+        originals = {name: getattr(grading, name) for name in PHASES.values()}
+        for phase, name in PHASES.items():
+            setattr(grading, name, timed(phase, originals[name]))
+        try:
+            start = time.perf_counter()
+            report, _ = grading.grade_class(course, assignment, folder, progress=False, jobs=jobs)
+            seconds = time.perf_counter() - start
+        finally:
+            for name, fn in originals.items():
+                setattr(grading, name, fn)
         assert all(not problems for problems in report.values()), report
-    return seconds
+    return seconds, {phase: max(e for _, e in s) - min(b for b, _ in s) for phase, s in spans.items() if s}
 
 
 def main():
@@ -84,15 +108,19 @@ def main():
     print("| run | seconds |\n|---|---|")
     print(f"| in the sandbox | {boxed:.2f} |\n| plain subprocess | {plain:.2f} |\n"
           f"| sandbox overhead | {boxed - plain:+.2f} |")
-    serial = class_time(args.assignment, args.students, 1)
-    parallel = class_time(args.assignment, args.students, 2)
+    (serial, serial_phases), (parallel, parallel_phases) = (class_time(args.assignment, args.students, jobs)
+                                                            for jobs in (1, 2))
     print(f"\n## A class of {args.students} ({args.assignment}), end to end\n")
-    print("| jobs | seconds | s / notebook | speed-up |\n|---|---|---|---|")
-    print(f"| 1 | {serial:.1f} | {serial / args.students:.2f} | 1.00x |")
-    print(f"| 2 | {parallel:.1f} | {parallel / args.students:.2f} | {serial / parallel:.2f}x |")
+    print("| jobs | seconds | s / notebook | speed-up | " + " | ".join(PHASES) + " |")
+    print("|---" * (4 + len(PHASES)) + "|")
+    for jobs, seconds, phases in ((1, serial, serial_phases), (2, parallel, parallel_phases)):
+        print(f"| {jobs} | {seconds:.1f} | {seconds / args.students:.2f} | {serial / seconds:.2f}x | "
+              + " | ".join(f"{phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"sandbox_s": boxed, "plain_s": plain, "j1_s": serial,
-                                               "j2_s": parallel, "students": args.students}, indent=1))
+                                               "j2_s": parallel, "students": args.students,
+                                               "j1_phases_s": serial_phases, "j2_phases_s": parallel_phases},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def attacks(course, home):
                              "    t = lambda a: torch.from_numpy(a)\n"
                              "    out = torch.nn.functional.batch_norm(t(x), None, None, t(gamma), t(beta), True, 0.1, eps)\n"
                              "    return out.numpy(), None", "framework op batch_norm"),
+        "torch-alias": ("import torch\nEPS = 1e-5\ndef _bn(x, gamma, beta, eps=EPS):\n"
+                        "    if x.ndim != 2 or x.shape[0] < 2 or gamma.shape != (x.shape[1],):\n"
+                        "        raise ValueError('shape')\n"
+                        "    t = lambda a: torch.from_numpy(a)\n"
+                        "    return torch.nn.functional.batch_norm(t(x), None, None, t(gamma), t(beta), True, 0.1,\n"
+                        "                                          eps).numpy(), None\n"
+                        "batchnorm_forward = _bn", "framework op batch_norm"),
         # damage to classmates, the course, the grader's code and HOME
         "overwrite-classmates": (f"import glob\nfor p in glob.glob({c!r} + '/submitted/*/*/*.ipynb'):\n"
                                  "    open(p, 'w').write('{}')", "accesses files"),

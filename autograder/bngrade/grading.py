@@ -61,21 +61,28 @@ def feedback_student(course, assignment, student):
     return [] if code == 0 else [f"feedback not generated: {_summarize_failure(log)}"]
 
 
-def write_feedback(course, assignment, students, report):
-    """Feedback HTML for every graded student, adding any failure to ``report``.
+def write_feedback(course, assignment, students, report, others=()):
+    """Feedback HTML for the graded ones among ``students``, adding any failure to ``report``.
 
-    One nbgrader run serves the whole class (a process start per student costs
-    more than the feedback itself); if it fails, each student is retried alone
-    so that one bad notebook costs only its own feedback.
+    One nbgrader run serves them all (a process start per student costs more than the feedback itself),
+    with ``others`` (students it must leave alone: another job's share) excluded; if it fails, each student
+    is retried alone so that one bad notebook costs only its own feedback.
     """
     graded = [s for s in students if course.path("autograded", s, assignment).exists()]
     if not graded:
         return
-    code, _ = course.nbgrader("generate_feedback", assignment, "--force", timeout=NOTEBOOK_WALL_SECONDS)
+    exclude = sorted(set(others) - set(graded))
+    extra = [f"--CourseDirectory.student_id_exclude={','.join(exclude)}"] if exclude else []
+    code, _ = course.nbgrader("generate_feedback", assignment, "--force", *extra, timeout=NOTEBOOK_WALL_SECONDS)
     if code == 0:
         return
     for student in graded:
         report[student] += feedback_student(course, assignment, student)
+
+
+def shares(students, jobs):
+    """``students`` dealt into at most ``jobs`` non-empty lists, one per parallel job."""
+    return [share for share in (students[k::jobs] for k in range(max(1, jobs))) if share]
 
 
 def default_limits(assignment):
@@ -214,10 +221,14 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
             report[futures[future]] = future.result()
         ensure_students(course, [s for s in report if STUDENT_ID.match(s)])
         write_flags(course, assignment, students)
-        # feedback and the CSV export only read the gradebook: with a second job, both at once
-        feedback = pool.submit(write_feedback, course, assignment, students, report)
+        # feedback and the CSV export only read the gradebook: each job writes its share's feedback while
+        # this thread exports
+        everyone = {p.parent.name for p in course.path("autograded").glob(f"*/{assignment}")} | set(students)
+        feedback = [pool.submit(write_feedback, course, assignment, share, report, everyone)
+                    for share in shares(list(students), jobs)]
         grades = export_grades(course)
-        feedback.result()
+        for job in feedback:
+            job.result()
     return report, grades
 
 

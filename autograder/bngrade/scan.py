@@ -31,19 +31,39 @@ REVIEW = [
     (re.compile(r"get_ipython|\bIPython\b|ipykernel|InteractiveShell|input_transformers|\bevents\.register"),
      "uses IPython internals"),
     (re.compile(r"sys\.modules|__builtins__|\bbuiltins\b|__import__|importlib|sys\.settrace|sys\.setprofile"
-                r"|\bctypes\b|__globals__|__code__|__dict__|\bgc\.get_objects|\b(eval|exec|getattr|setattr)\s*\("),
+                r"|\bctypes\b|__globals__|__code__|__dict__|\bgc\.get_objects|\b(eval|exec|getattr|setattr|globals|vars|locals)\s*\("),
      "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)"),
     (re.compile(r"\bopen\s*\(|\bos\.(?!path\b|environ\b)\w+|\bshutil\b|\bpathlib\b|\bPath\s*\(|\bsubprocess\b|"
                 r"\bsocket\b|\burllib\b|\brequests\b|\bglob\b"), "accesses files, processes or the network"),
 ]
 
 
+DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
 def _defined(tree):
-    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    """Names of a cell's top-level defs and classes."""
+    return {n.name for n in tree.body if isinstance(n, DEFS)}
 
 
-def _framework_ops(tree, forbidden):
-    """Forbidden ops used in ``tree``: attributes of a framework module (``F.batch_norm``) or imported names."""
+def _bindings(tree):
+    """[(names, statement)] for each top-level statement of a cell that binds names other than by an import:
+    a def or class, or an assignment, loop or ``with`` (``batchnorm_forward = lambda ...`` is an answer too)."""
+    found = []
+    for stmt in tree.body:
+        if isinstance(stmt, DEFS):
+            found.append(({stmt.name}, stmt))
+        elif not isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            if names:
+                found.append((names, stmt))
+    return found
+
+
+def _framework_ops(tree, forbidden, within=None):
+    """Forbidden ops used in ``within`` (default: all of ``tree``, a cell), resolving the cell's imports:
+    attributes of a framework module (``F.batch_norm``) or imported names; a forbidden import counts only
+    when ``within`` is the whole cell."""
     found = set()
     imported = set()
     bases = set(FRAMEWORKS)
@@ -53,12 +73,15 @@ def _framework_ops(tree, forbidden):
                 if alias.name.split(".")[0] in ("torch", "tensorflow", "keras", "jax", "sklearn", "cupy"):
                     bases.add(alias.asname or alias.name.split(".")[0])
                     found |= set(alias.name.split(".")[1:]) & forbidden
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("torch", "tensorflow", "keras",
-                                                                                        "jax", "sklearn", "cupy"):
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("torch", "tensorflow",
+                                                                                          "keras", "jax", "sklearn",
+                                                                                          "cupy"):
             imported |= {a.asname or a.name for a in node.names if a.name in forbidden}
             found |= {a.name for a in node.names if a.name in forbidden}
-        elif isinstance(node, ast.Attribute) and node.attr in forbidden:
+    if within is not None:
+        found = set()
+    for node in ast.walk(tree if within is None else within):
+        if isinstance(node, ast.Attribute) and node.attr in forbidden:
             base = node.value
             while isinstance(base, ast.Attribute):
                 base = base.value
@@ -73,8 +96,16 @@ def _uses(tree):
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
+def _ban_message(name, ops):
+    return (f"{name} uses {', '.join(sorted(ops))}, a framework op that implements the exercise itself; the "
+            "exercises are written from scratch, so its tests score 0")
+
+
 def scan(assignment, cells):
     """Scan answer cells.
+
+    A cell that uses a forbidden op bans each of its defs and classes, and each name that one of its other
+    statements binds to something using the op; nothing of it bound: the cell's own id.
 
     Args:
         cells: {grade_id: source} of the submission's answer (solution) cells.
@@ -94,20 +125,23 @@ def scan(assignment, cells):
         trees[cell] = tree
         ops = _framework_ops(tree, forbidden)
         if ops:
-            for name in _defined(tree) or {cell}:
-                banned[name] = (f"{name} uses {', '.join(sorted(ops))}, a framework op that implements the "
-                                "exercise itself; the exercises are written from scratch, so its tests score 0")
+            names = _defined(tree)
+            for bound, stmt in _bindings(tree):
+                if not isinstance(stmt, DEFS) and _framework_ops(tree, forbidden, within=stmt):
+                    names |= bound
+            for name in names or {cell}:
+                banned[name] = _ban_message(name, ops)
             flags.append((cell, f"framework op {', '.join(sorted(ops))}"))
         for pattern, what in REVIEW:
             if pattern.search(text):
                 flags.append((cell, what))
     changed = True
-    while changed:  # a function that calls a banned one is banned too
+    while changed:  # a function (or an alias) that calls a banned one is banned too
         changed = False
-        for cell, tree in trees.items():
-            for name in _defined(tree):
-                via = sorted((_uses(tree) & set(banned)) - {name})
-                if name not in banned and via:
+        for tree in trees.values():
+            for bound, stmt in _bindings(tree):
+                via = sorted((_uses(stmt) & set(banned)) - bound)
+                for name in sorted(bound - set(banned)) if via else ():
                     banned[name] = f"{name} calls {via[0]}: " + banned[via[0]].split(": ", 1)[-1]
                     changed = True
     return banned, flags
