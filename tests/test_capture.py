@@ -131,7 +131,8 @@ def test_the_scan_bans_an_answer_bound_by_assignment_next_to_an_honest_def():
              "alias": "forward_again = batchnorm_forward\nglobals()['batchnorm_backward'] = helper"}
     banned, flags = scan("ch02_batchnorm_forward", cells)
     assert set(banned) == {"helper", "batchnorm_forward", "forward_again"}
-    assert banned["forward_again"].startswith("forward_again calls batchnorm_forward: batchnorm_forward uses batch_norm, a framework op")
+    assert banned["forward_again"].startswith("forward_again calls batchnorm_forward: batchnorm_forward uses "
+                                              "batch_norm, a framework op")
     assert ("alias", "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)") \
         in flags
 

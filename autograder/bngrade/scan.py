@@ -31,7 +31,8 @@ REVIEW = [
     (re.compile(r"get_ipython|\bIPython\b|ipykernel|InteractiveShell|input_transformers|\bevents\.register"),
      "uses IPython internals"),
     (re.compile(r"sys\.modules|__builtins__|\bbuiltins\b|__import__|importlib|sys\.settrace|sys\.setprofile"
-                r"|\bctypes\b|__globals__|__code__|__dict__|\bgc\.get_objects|\b(eval|exec|getattr|setattr|globals|vars|locals)\s*\("),
+                r"|\bctypes\b|__globals__|__code__|__dict__|\bgc\.get_objects"
+                r"|\b(eval|exec|getattr|setattr|globals|vars|locals)\s*\("),
      "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)"),
     (re.compile(r"\bopen\s*\(|\bos\.(?!path\b|environ\b)\w+|\bshutil\b|\bpathlib\b|\bPath\s*\(|\bsubprocess\b|"
                 r"\bsocket\b|\burllib\b|\brequests\b|\bglob\b"), "accesses files, processes or the network"),
