@@ -23,7 +23,7 @@ book: release
 	@echo "Book built: open $(CURDIR)/_build/html/index.html"
 
 publish: $(STAMP)
-	$(BIN)/python -m bngrade.publish --site _build/html --out _build/publish
+	$(BIN)/python -m bnpublish --site _build/html --out _build/publish
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup

@@ -22,12 +22,12 @@ c.IgnorePattern.pattern = r"Warning:|\d+%\|"
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 
 # Autograde: nbgrader's sanitizing steps restore every test cell; then the notebook runs in a sandbox
-# (bngrade.autograde.SandboxedExecute, configured as c.Execute.*), and every test cell is judged outside it
-# (bngrade.autograde.Judge) before nbgrader's own SaveAutoGrades scores it.
+# (bngrade.judge.autograde.SandboxedExecute, configured as c.Execute.*), and every test cell is judged outside it
+# (bngrade.judge.autograde.Judge) before nbgrader's own SaveAutoGrades scores it.
 c.Autograde.autograde_preprocessors = [
-    "bngrade.autograde.SandboxedExecute",
+    "bngrade.judge.autograde.SandboxedExecute",
     "nbgrader.preprocessors.IgnorePattern",
-    "bngrade.autograde.Judge",
+    "bngrade.judge.autograde.Judge",
     "nbconvert.preprocessors.ClearMetadataPreprocessor",
     "nbgrader.preprocessors.LimitOutput",
     "nbgrader.preprocessors.SaveAutoGrades",
@@ -40,6 +40,6 @@ c.Autograde.autograde_preprocessors = [
 c.GenerateFeedback.preprocessors = [
     "nbgrader.preprocessors.GetGrades",
     "nbgrader.preprocessors.ClearHiddenTests",
-    "bngrade.feedback.ShortTracebacks",
+    "bngrade.pipeline.feedback.ShortTracebacks",
     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor",
 ]

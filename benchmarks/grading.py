@@ -24,8 +24,10 @@ import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bngrade import autograde, grading, sandbox  # noqa: E402
-from bngrade.course import Course  # noqa: E402
+from bngrade.judge import autograde
+from bngrade.pipeline import grading
+from bngrade import sandbox  # noqa: E402
+from bngrade.pipeline.course import Course  # noqa: E402
 from submissions import make_submission  # noqa: E402
 
 

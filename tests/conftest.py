@@ -9,10 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bngrade import device  # noqa: E402
-from bngrade.course import REPO, Course, assignments  # noqa: E402
+from bngrade.pipeline import device  # noqa: E402
+from bngrade.pipeline.course import REPO, Course, assignments  # noqa: E402
 from bngrade.sandbox import Limits  # noqa: E402
-from bngrade.grading import grade_class  # noqa: E402
+from bngrade.pipeline.grading import grade_class  # noqa: E402
 from class_roster import ROSTER, write_class  # noqa: E402
 from emulated_gpu import gpu_for  # noqa: E402
 
@@ -86,8 +86,8 @@ def book(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def published(book, tmp_path_factory):
-    """The student tree ``make publish`` writes (``bngrade.publish``), from the session's book."""
-    from bngrade.publish import publish
+    """The student tree ``make publish`` writes (``bnpublish``), from the session's book."""
+    from bnpublish import publish
 
     proc, site = book
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bnref.cuda import emulator
-from bngrade import device
+from bngrade.pipeline import device
 
 SHIM = Path(__file__).parent / "emulated_cupy"
 NO_WAY = "no CUDA GPU, and no host C++ compiler for the CPU emulator: the GPU assignment cannot run here"

@@ -5,7 +5,7 @@ import re
 import jupytext
 import nbformat
 
-from bngrade.course import SOURCES
+from bngrade.pipeline.course import SOURCES
 
 MARKERS = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION[ \t]*\n", re.M)
 

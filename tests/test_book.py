@@ -4,7 +4,7 @@ import json
 import pytest
 import nbformat
 
-from bngrade.course import Course, assignments, chapter_dir
+from bngrade.pipeline.course import Course, assignments, chapter_dir
 
 pytestmark = pytest.mark.xdist_group("book")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bngrade.course import REPO, assignments
-from bngrade.publish import NOTEBOOKS, exercise_of
+from bngrade.pipeline.course import REPO, assignments
+from bnpublish import NOTEBOOKS, exercise_of
 from test_publish import CONFIG, book_pages, colab_url
 
 pytestmark = pytest.mark.xdist_group("book")

@@ -8,10 +8,11 @@ import pytest
 import bnref
 from bncapture import codec
 from bncapture.runner import Runner
-from bngrade import grading, sandbox
-from bngrade.intake import Problem
-from bngrade.record import record
-from bngrade.remote import Diverged, NoResult, Remote, Session
+from bngrade.pipeline import grading
+from bngrade import sandbox
+from bngrade.pipeline.intake import Problem
+from bngrade.judge.record import record
+from bngrade.judge.remote import Diverged, NoResult, Remote, Session
 
 
 def _npz(**arrays):
@@ -106,7 +107,7 @@ def test_grading_is_refused_where_no_sandbox_can_be_made(tmp_path, monkeypatch):
 
 
 def test_the_static_scan_bans_framework_ops_and_their_callers_and_flags_tricks():
-    from bngrade.scan import scan
+    from bngrade.judge.scan import scan
 
     cells = {"batchnorm_forward": "import torch.nn.functional as F\ndef batchnorm_forward(x, g, b, eps=1e-5):\n"
                                   "    return F.batch_norm(x, None, None, g, b, True, 0.1, eps), None",
@@ -122,7 +123,7 @@ def test_the_static_scan_bans_framework_ops_and_their_callers_and_flags_tricks()
 
 def test_the_scan_bans_an_answer_bound_by_assignment_next_to_an_honest_def():
     """``batchnorm_forward = lambda ...`` beside a def: the alias is banned, a plain constant is not."""
-    from bngrade.scan import scan
+    from bngrade.judge.scan import scan
 
     cells = {"forward": "import torch\nEPS = 1e-5\ndef helper(x):\n    return x\n"
                         "batchnorm_forward = lambda x, g, b, p: (torch.nn.functional.batch_norm(\n"
@@ -142,8 +143,8 @@ def test_the_same_runner_sees_the_repository_only_without_the_sandbox():
     """``--no-sandbox`` runs the notebook the same way, with the grader's view; the sandbox hides the repository."""
     import nbformat
 
-    from bngrade import autograde
-    from bngrade.course import REPO
+    from bngrade.judge import autograde
+    from bngrade.pipeline.course import REPO
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(f"import os\nprint('repo visible:', os.path.exists({str(REPO / 'solutions')!r}))")]

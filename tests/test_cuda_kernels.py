@@ -105,7 +105,7 @@ def test_the_committed_ptxas_table_is_what_nvcc_reports_now():
 def test_the_exercise_solution_kernels_compile(grade_id, kernel, tmp_path):
     """The CUDA strings of the solved chapter-5 exercise (their grader runs them on a GPU)."""
     import jupytext
-    from bngrade.course import SOURCES
+    from bngrade.pipeline.course import SOURCES
 
     cell = next(c for c in jupytext.read(SOURCES / "ch05_cupy_kernels.md").cells
                 if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from bngrade import device, grading
-from bngrade.course import Course, assignments
-from bngrade.intake import Problem
+from bngrade.pipeline import device, grading
+from bngrade.pipeline.course import Course, assignments
+from bngrade.pipeline.intake import Problem
 
 
 def test_every_gpu_assignment_exists():

@@ -7,9 +7,9 @@ import zipfile
 import pytest
 from nbgrader.api import Gradebook
 
-from bngrade.course import assignments
-from bngrade.grading import grade_class
-from bngrade.intake import Problem
+from bngrade.pipeline.course import assignments
+from bngrade.pipeline.grading import grade_class
+from bngrade.pipeline.intake import Problem
 from class_roster import ROSTER, write_class
 from emulated_gpu import can_run, gpu_for
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import bnref
-from bngrade import ch01, ch02, ch06, ch07, compare
-from bngrade.questions import QUESTIONS, check_choice
+from bngrade.verdicts import ch01, ch02, ch06, ch07
+from bngrade.judge import compare
+from bngrade.verdicts.questions import QUESTIONS, check_choice
 
 
 @pytest.fixture(autouse=True)
@@ -373,8 +374,8 @@ def test_a_mask_shared_across_samples_is_named():
 import jupytext  # noqa: E402
 import torch  # noqa: E402
 
-from bngrade.course import REPO, SOURCES  # noqa: E402
-from bngrade.hidden import HIDDEN  # noqa: E402
+from bngrade.pipeline.course import REPO, SOURCES  # noqa: E402
+from bngrade.judge.hidden import HIDDEN  # noqa: E402
 from submissions import solution_cells  # noqa: E402
 
 
@@ -469,7 +470,7 @@ def test_batchnorm1d_attributes_the_hidden_check_uses_are_locked_in_the_exercise
 
 # Chapter 3: backward passes graded through the student's own forward pass and cache
 
-from bngrade import ch03  # noqa: E402
+from bngrade.verdicts import ch03  # noqa: E402
 from class_roster import ROSTER  # noqa: E402
 
 CH03 = "ch03_batchnorm_backward"
@@ -652,7 +653,7 @@ def test_each_layer_backward_mistake_is_named(layer, says):
 
 # --- chapter 4: the find-and-fix-the-bug exercise -------------------------------------------------------------
 
-from bngrade import ch04  # noqa: E402
+from bngrade.verdicts import ch04  # noqa: E402
 from bnref import mlp  # noqa: E402
 
 CH04_CHECKS = {"evaluate": ch04.check_evaluate, "train_epoch": ch04.check_train_epoch,

@@ -12,8 +12,9 @@ import pytest
 
 import bnref
 from bnref.cuda import emulator, gpu_available, mirror
-from bngrade import ch05, compare
-from bngrade.course import SOURCES
+from bngrade.verdicts import ch05
+from bngrade.judge import compare
+from bngrade.pipeline.course import SOURCES
 from class_roster import REDUCTION_VAR, ROSTER
 
 
@@ -295,7 +296,7 @@ def test_using_the_reference_package_is_refused():
 
 
 def test_the_fused_check_judges_the_student_not_its_own_wrapper_for_the_reference_package():
-    """The check wraps the student's function in bngrade.ch05, which imports bnref; only the student's counts."""
+    """The check wraps the student's function in bngrade.verdicts.ch05, which imports bnref; only the student's counts."""
     namespace = {"np": np}
     exec("def fused_forward_stats(x, rm, rv, momentum=0.1, eps=1e-5):\n    return x, x", namespace)
     assert not compare.uses_reference(ch05._fused_on_device(namespace["fused_forward_stats"], np))

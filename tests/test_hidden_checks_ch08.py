@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import bnref
-from bngrade import ch08, compare
+from bngrade.verdicts import ch08
+from bngrade.judge import compare
 
 
 @pytest.fixture(autouse=True)
@@ -194,14 +195,14 @@ def test_a_rank_that_skips_an_all_reduce_fails_with_a_message_not_a_hang(monkeyp
      "    dist.all_reduce(x)\n    return x, None\n", "all_reduce"),
 ])
 def test_the_scan_bans_framework_norms_and_collectives_in_chapter_8(cell, source, banned):
-    from bngrade import scan
+    from bngrade.judge import scan
 
     names, _ = scan.scan("ch08_beyond_bn", {cell: source})
     assert banned in next(iter(names.values()))
 
 
 def test_the_scan_leaves_numpy_reductions_alone_in_chapter_8():
-    from bngrade import scan
+    from bngrade.judge import scan
 
     source = ("def merge_moments(parts):\n    counts = np.add.reduce([p[0] for p in parts])\n"
               "    return counts, np.broadcast_to(parts[0][1], (2,)), parts[0][2]\n")

@@ -14,8 +14,8 @@ import pytest
 from nbgrader.api import Gradebook
 
 from bngrade import sandbox
-from bngrade.course import REPO, Course
-from bngrade.grading import grade_class
+from bngrade.pipeline.course import REPO, Course
+from bngrade.pipeline.grading import grade_class
 from submissions import make_submission
 
 pytestmark = [pytest.mark.xdist_group("grading"),
@@ -49,7 +49,7 @@ def attacks(course, home):
                             "        exec(open(p).read())", "accesses files"),
         "reference-import": ("def batchnorm_forward(x, gamma, beta, eps=1e-5):\n    import bnref\n"
                              "    return bnref.batchnorm_forward(x, gamma, beta, eps)", "reference or grading"),
-        "read-keys": ("from bngrade.questions import QUESTIONS\nanswer_bias = QUESTIONS['ch02_bias_before_bn']['answer']",
+        "read-keys": ("from bngrade.verdicts.questions import QUESTIONS\nanswer_bias = QUESTIONS['ch02_bias_before_bn']['answer']",
                       "reference or grading"),
         "torch-batch-norm": ("import torch\ndef batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
                              "    if x.ndim != 2 or x.shape[0] < 2 or gamma.shape != (x.shape[1],):\n"

@@ -12,8 +12,8 @@ import jupytext
 import nbformat
 import pytest
 
-from bngrade.course import REPO, SOURCES, assignments, chapter_dir
-from bngrade.publish import check as check_tree
+from bngrade.pipeline.course import REPO, SOURCES, assignments, chapter_dir
+from bnpublish import check as check_tree
 from class_roster import ROSTER
 
 REGION = re.compile(r"### BEGIN (SOLUTION|HIDDEN TESTS)\n(.*?)### END \1", re.S)

@@ -14,8 +14,8 @@ from urllib.parse import urljoin
 import pytest
 import yaml
 
-from bngrade.course import REPO, assignments, chapter_dir
-from bngrade.publish import NOTEBOOKS, check, exercise_of, publish
+from bngrade.pipeline.course import REPO, assignments, chapter_dir
+from bnpublish import NOTEBOOKS, check, exercise_of, publish
 
 WORKFLOWS = REPO / ".github" / "workflows"
 CONFIG = yaml.safe_load((REPO / "_config.yml").read_text())
@@ -68,7 +68,7 @@ def test_make_publish_writes_the_student_tree(book, tmp_path):
     """The CLI (what `make publish` runs) writes the book, every released notebook as released, a README."""
     _, site = book
     out = tmp_path / "publish"
-    proc = subprocess.run([sys.executable, "-m", "bngrade.publish", "--site", str(site), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bnpublish", "--site", str(site), "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(assignments())} notebooks" in proc.stdout
@@ -127,7 +127,7 @@ def test_the_book_names_the_student_repository_not_the_instructors():
     assert CONFIG["repository"]["url"].startswith("https://github.com/") and branch
     assert CONFIG["html"]["use_download_button"] and CONFIG["html"]["use_repository_button"]
     assert CONFIG["sphinx"]["config"]["html_copy_source"] is False
-    assert "bngrade.publish" in CONFIG["sphinx"]["extra_extensions"]
+    assert "bnpublish" in CONFIG["sphinx"]["extra_extensions"]
 
 
 @pytest.mark.xdist_group("book")

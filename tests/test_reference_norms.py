@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bnref
-from bngrade.ch06 import random_images
+from bngrade.verdicts.ch06 import random_images
 
 DTYPES = [(np.float64, 1e-10), (np.float32, 5e-5)]
 LN_SHAPES = [(4, 5), (1, 7), (16, 64), (3, 1)]

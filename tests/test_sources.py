@@ -3,7 +3,7 @@ import subprocess
 
 import nbformat
 
-from bngrade.course import REPO, SOURCES, assignments, chapter_dir
+from bngrade.pipeline.course import REPO, SOURCES, assignments, chapter_dir
 
 
 def test_every_assignment_has_a_text_source_a_chapter_and_a_toc_entry():
@@ -31,8 +31,8 @@ def test_every_test_cell_is_judged_outside_the_sandbox():
     And the static scan passes every solution: no framework op banned, nothing flagged but what the solution does."""
     import jupytext
 
-    from bngrade.hidden import hidden_code, is_test_cell, student_names
-    from bngrade.scan import scan
+    from bngrade.judge.hidden import hidden_code, is_test_cell, student_names
+    from bngrade.judge.scan import scan
 
     for assignment in assignments():
         nb = jupytext.read(SOURCES / f"{assignment}.md")

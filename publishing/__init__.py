@@ -1,4 +1,4 @@
-"""``python -m bngrade.publish`` (``make publish``): the tree that readers and students get.
+"""``python -m bnpublish`` (``make publish``): the tree that readers and students get.
 
 Writes ``_build/publish/`` from the built book (run ``make book`` first)::
 
@@ -30,7 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = "notebooks"
 EXERCISE = re.compile(r"chapters/\d\d_\w+/(ch\d\d_\w+)")   # docname of an exercise page
 FORBIDDEN_SUFFIXES = {".md", ".py", ".pyc", ".db", ".cu", ".cuh", ".hpp", ".csv", ".zip", ".npz", ".yml", ".yaml",
@@ -123,7 +123,7 @@ def setup(app):
 
 def check(tree):
     """Problems of a published tree, as a list of strings (empty when it may be published)."""
-    from .course import assignments
+    from bngrade.pipeline.course import assignments
 
     tree = Path(tree)
     problems = [f"missing {NOTEBOOKS}/{a}.ipynb" for a in assignments()
@@ -163,7 +163,7 @@ def publish(site=REPO / "_build" / "html", out=REPO / "_build" / "publish"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bngrade.publish", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bnpublish", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--site", default=str(REPO / "_build" / "html"), help="built book (default: %(default)s)")
     parser.add_argument("--out", default=str(REPO / "_build" / "publish"), help="student tree (default: %(default)s)")
@@ -177,6 +177,3 @@ def main(argv=None):
     print(f"published {files} files to {out} ({len(list((out / NOTEBOOKS).glob('*.ipynb')))} notebooks)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Record each test cell's script: run its hidden checks once on the instructor's solution.
 
-``python -m bngrade.record ASSIGNMENT FOLDER`` (run by ``grade`` once per class, outside any sandbox: this is
+``python -m bngrade.judge.record ASSIGNMENT FOLDER`` (run by ``grade`` once per class, outside any sandbox: this is
 the instructor's own code) executes the solved source's non-test cells, then the hidden block of every test
-cell with the student's names bound to :class:`bngrade.remote.Remote` stand-ins of the solution's objects.
+cell with the student's names bound to :class:`bngrade.judge.remote.Remote` stand-ins of the solution's objects.
 Each cell's operations are written to ``FOLDER/<grade id>.json|.npz``: data only, never an outcome.
 """
 import os
@@ -14,9 +14,9 @@ import jupytext
 
 from bncapture import codec
 
-from .course import SOURCES
-from .hidden import grade_id, hidden_code, is_test_cell
-from .remote import Session, run_hidden
+from bngrade.pipeline.course import SOURCES
+from bngrade.judge.hidden import grade_id, hidden_code, is_test_cell
+from bngrade.judge.remote import Session, run_hidden
 
 
 def solution_namespace(nb):

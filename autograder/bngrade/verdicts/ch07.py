@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .compare import Mistake, check_not_reference, close
+from bngrade.judge.compare import Mistake, check_not_reference, close
 
 FORWARD, BACKWARD = "dropout_forward", "dropout_backward"
 

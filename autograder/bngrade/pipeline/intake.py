@@ -99,7 +99,7 @@ def collect(source, assignment, course):
     Args:
         source: folder of per-student folders, or a zip file.
         assignment: the assignment id, e.g. ``ch02_batchnorm_forward``.
-        course: a :class:`bngrade.course.Course`.
+        course: a :class:`bngrade.pipeline.course.Course`.
 
     Returns:
         (students, problems): the ids collected, and {student or file: message}.

@@ -1,7 +1,7 @@
 """Hidden tests of chapter 1, *Why normalize?*"""
 import numpy as np
 
-from .compare import Case, Mistake, check_inputs_unchanged, compare, random_matrix
+from bngrade.judge.compare import Case, Mistake, check_inputs_unchanged, compare, random_matrix
 
 
 def reference_standardize(x):

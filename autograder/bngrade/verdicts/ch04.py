@@ -14,8 +14,8 @@ import numpy as np
 from bnref import mlp
 from bnref.data import load_digits
 
-from .compare import Mistake, check_not_reference, close
-from .remote import OBJECT_CODECS
+from bngrade.judge.compare import Mistake, check_not_reference, close
+from bngrade.judge.remote import OBJECT_CODECS
 
 TOL = (1e-6, 1e-9)  # float64 end to end; only the order of summation may differ
 # recalibrate: a float64 mean or variance of N <= 2000 samples is exact to N * 2**-53 ~ 2e-13 of the largest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jupytext
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SOURCES = REPO / "solutions" / "notebooks"
 CHAPTERS = REPO / "chapters"
 CONFIG = REPO / "autograder" / "nbgrader_config.py"

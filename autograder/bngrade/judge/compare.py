@@ -66,7 +66,7 @@ def uses_reference(fn):
     A function the grader builds from student functions (e.g. a forward pass
     followed by a backward pass) lists them in its ``graded_parts``; those are checked instead.
     """
-    from .remote import Remote
+    from bngrade.judge.remote import Remote
 
     if isinstance(fn, Remote):
         return False  # it lives in the sandbox, where bnref does not exist; the static scan flags imports of it
@@ -96,7 +96,7 @@ def require_construct(fn, cls, name, why):
     Docstrings and comments do not count. Skipped when Python has no source for ``fn``. For the student's
     function in the sandbox, the source is that of the answer cell that defines it.
     """
-    from .remote import Remote
+    from bngrade.judge.remote import Remote
 
     if isinstance(fn, Remote):
         source = fn._session.sources.get(fn._name or "")

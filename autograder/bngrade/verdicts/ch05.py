@@ -1,4 +1,4 @@
-"""Hidden tests of chapter 5, *CuPy GPU kernels* (a GPU assignment: see :mod:`bngrade.device`).
+"""Hidden tests of chapter 5, *CuPy GPU kernels* (a GPU assignment: see :mod:`bngrade.pipeline.device`).
 
 Each check takes the student's function and an array module ``xp`` (CuPy by
 default). Test data are made with NumPy, moved to ``xp``, and the results
@@ -10,8 +10,8 @@ import numpy as np
 
 import bnref
 
-from .compare import Case, Mistake, check_not_reference, close, compare, require_construct, tolerance
-from .device import default_xp, on_device, to_numpy
+from bngrade.judge.compare import Case, Mistake, check_not_reference, close, compare, require_construct, tolerance
+from bngrade.pipeline.device import default_xp, on_device, to_numpy
 
 # float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
 STATS_SHAPES = [(2, 3, 5, 7), (3, 4, 17, 19), (64, 3, 1, 1), (5, 6, 33, 31), (1, 2, 300, 1)]

@@ -1,8 +1,8 @@
 """Grade a class with nbgrader, one student at a time, and report what went wrong for whom.
 
 Before the class, each test cell's script is recorded from the instructor's solution
-(:mod:`bngrade.record`). Each student's ``nbgrader autograde`` then runs the notebook in its own
-sandbox (:mod:`bngrade.autograde`, :mod:`bngrade.sandbox`) and judges it outside, so an infinite loop,
+(:mod:`bngrade.judge.record`). Each student's ``nbgrader autograde`` then runs the notebook in its own
+sandbox (:mod:`bngrade.judge.autograde`, :mod:`bngrade.sandbox`) and judges it outside, so an infinite loop,
 a crashed or hung kernel, a limit gone past or a broken notebook costs that student only: it is
 reported by name and the rest of the class is graded. Flags for the instructor's review go to
 ``flags.csv`` next to ``grades.csv``.
@@ -21,9 +21,9 @@ from pathlib import Path
 import nbformat
 from tqdm.auto import tqdm
 
-from . import sandbox
-from .device import GPU_ASSIGNMENTS, GPU_NOTEBOOK_WALL_SECONDS, require_device
-from .intake import STUDENT_ID, Problem, collect
+from bngrade import sandbox
+from bngrade.pipeline.device import GPU_ASSIGNMENTS, GPU_NOTEBOOK_WALL_SECONDS, require_device
+from bngrade.pipeline.intake import STUDENT_ID, Problem, collect
 
 # Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook in its sandbox.
 NOTEBOOK_WALL_SECONDS = 600
@@ -106,7 +106,7 @@ def record_scripts(course, assignment):
     """Record every test cell's script from the solution (outside any sandbox; the instructor's code)."""
     work = course.path(".bngrade", assignment)
     shutil.rmtree(work, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "bngrade.record", assignment, str(work / "scripts")],
+    proc = subprocess.run([sys.executable, "-m", "bngrade.judge.record", assignment, str(work / "scripts")],
                           capture_output=True, text=True, cwd=course.root,
                           env=dict(os.environ, BNREF_PROGRESS="0", PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
@@ -186,7 +186,7 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
     """Collect, autograde, export and generate feedback for a whole class.
 
     Args:
-        course: :class:`bngrade.course.Course` with the assignment released.
+        course: :class:`bngrade.pipeline.course.Course` with the assignment released.
         assignment: assignment id.
         submissions: folder of per-student folders, or an LMS zip.
         cell_timeout: seconds per cell, instead of the configured Execute.timeout.

@@ -12,9 +12,9 @@ import numpy as np
 import bnref
 from bncapture.functions import SyncBNRanks
 
-from .compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, close,
+from bngrade.judge.compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, close,
                       compare, tolerance)
-from .remote import in_sandbox
+from bngrade.judge.remote import in_sandbox
 
 TIMEOUT = {"threads": 20.0, "gloo": 40.0}
 

@@ -17,9 +17,9 @@ import dataclasses
 import sys
 import warnings
 
-from .course import DEFAULT_COURSE, Course, assignments
-from .grading import default_limits, export_grades, format_report, grade_class
-from .intake import Problem
+from bngrade.pipeline.course import DEFAULT_COURSE, Course, assignments
+from bngrade.pipeline.grading import default_limits, export_grades, format_report, grade_class
+from bngrade.pipeline.intake import Problem
 
 
 def main(argv=None):

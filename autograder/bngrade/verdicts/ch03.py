@@ -17,8 +17,8 @@ import numpy as np
 import bnref
 from bncapture import functions
 
-from . import ch02
-from .compare import Case, Mistake, check_inputs_unchanged, check_not_reference, close, compare, random_matrix
+from bngrade.verdicts import ch02
+from bngrade.judge.compare import Case, Mistake, check_inputs_unchanged, check_not_reference, close, compare, random_matrix
 
 BACKWARD_SHAPES = [((2, 3), 1e-5), ((7, 5), 1e-3), ((64, 33), 0.1), ((129, 1), 1e-5)]
 

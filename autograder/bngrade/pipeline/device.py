@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .intake import Problem
+from bngrade.pipeline.intake import Problem
 
 #: assignments whose notebooks run CUDA kernels through CuPy
 GPU_ASSIGNMENTS = frozenset({"ch05_cupy_kernels"})

@@ -7,7 +7,7 @@ import numpy as np
 
 import bnref
 
-from .compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, compare,
+from bngrade.judge.compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, compare,
                       random_matrix)
 
 SHAPES = [(2, 3), (7, 5), (64, 33), (129, 1)]

@@ -6,7 +6,7 @@ sanitizing steps (which restore every test cell from the gradebook):
 1. :class:`SandboxedExecute`: the notebook, with each hidden block replaced by a capture call, runs in a
    fresh :mod:`bngrade.sandbox`; the executed cells' outputs and the captured outcomes come back as data.
 2. nbgrader's ``IgnorePattern`` (warnings and progress bars on stderr are not errors).
-3. :class:`Judge`: each test cell's hidden block runs here, on the outcomes (:mod:`bngrade.remote`); a failed
+3. :class:`Judge`: each test cell's hidden block runs here, on the outcomes (:mod:`bngrade.judge.remote`); a failed
    verdict becomes the cell's error output, so that nbgrader's own ``SaveAutoGrades`` scores it 0 and the
    feedback shows the message. A cell also fails when the sandbox shows an error in it (a failure can only
    cost the student; a pass is never taken from the sandbox).
@@ -29,10 +29,10 @@ from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 import bncapture
 from bncapture import codec
 
-from . import sandbox
-from .hidden import grade_id, hidden_code, is_test_cell, sandboxed_source, student_names
-from .remote import Diverged, NoResult, Session, Unjudgeable, run_hidden
-from .scan import defined_sources, scan
+from bngrade import sandbox
+from bngrade.judge.hidden import grade_id, hidden_code, is_test_cell, sandboxed_source, student_names
+from bngrade.judge.remote import Diverged, NoResult, Session, Unjudgeable, run_hidden
+from bngrade.judge.scan import defined_sources, scan
 
 CAPTURE_PACKAGE = Path(bncapture.__file__).parent
 OUT_NAME = re.compile(r"^out/([A-Za-z0-9_.\-]{1,100})\.(json|npz)$")

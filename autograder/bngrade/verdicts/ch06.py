@@ -11,7 +11,7 @@ import numpy as np
 
 import bnref
 
-from .compare import (Case, Mistake, _call, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects,
+from bngrade.judge.compare import (Case, Mistake, _call, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects,
                       compare)
 
 # Shapes chosen so that every wrong layout differs from the right one (H * W > 1, C > 1).
