@@ -70,6 +70,72 @@ def check_array(array, where="array"):
     return array
 
 
+def dumps(tree, arrays):
+    """(JSON bytes, ``.npz`` bytes) of ``tree`` and ``arrays``."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return json.dumps(tree).encode(), buffer.getvalue()
+
+
+class LazyArrays:
+    """The arrays of an untrusted ``.npz``, read one at a time, each only once its header's shape is accepted.
+
+    ``load(key, shape)`` refuses, before reading any data, an array whose header is not a plain numeric
+    dtype of exactly ``shape`` (None: any shape, bounded by :data:`MAX_ARRAY_BYTES`).
+    """
+
+    def __init__(self, blob):
+        import io
+
+        self.zf = None
+        self.members = {}
+        if blob:
+            try:
+                self.zf = zipfile.ZipFile(io.BytesIO(blob))
+                infos = self.zf.infolist()
+            except (zipfile.BadZipFile, ValueError, OSError) as exc:
+                raise Malformed(f"not a valid .npz ({exc})") from None
+            if len(infos) > MAX_ITEMS:
+                raise Malformed("the arrays are more than the limit")
+            self.members = {i.filename[:-4]: i for i in infos if i.filename.endswith(".npy")}
+
+    def __contains__(self, key):
+        return key in self.members
+
+    def header(self, key):
+        """(shape, dtype) from an array's header, without reading its data."""
+        from numpy.lib import format as npy
+
+        info = self.members.get(key)
+        if info is None:
+            raise Malformed(f"array {key!r} is missing")
+        try:
+            with self.zf.open(info) as fh:
+                version = npy.read_magic(fh)
+                reader = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = reader(fh, max_header_size=10_000)
+        except Exception as exc:
+            raise Malformed(f"array {key!r} has no valid header ({type(exc).__name__})") from None
+        if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
+            raise Malformed(f"array {key!r} is not numeric ({dtype})")
+        return tuple(int(n) for n in shape), dtype
+
+    def load(self, key, shape=None):
+        """The array ``key``; Malformed unless its header says ``shape`` (when given) and a numeric dtype."""
+        from numpy.lib import format as npy
+
+        found, dtype = self.header(key)
+        if shape is not None and found != tuple(shape):
+            raise Malformed(f"shape {found}, expected {tuple(shape)}")
+        if int(np.prod(found, dtype=np.int64)) * dtype.itemsize > MAX_ARRAY_BYTES:
+            raise Malformed(f"array {key!r} is larger than the limit")
+        with self.zf.open(self.members[key]) as fh:
+            array = npy.read_array(fh, allow_pickle=False)
+        return check_array(array, f"array {key!r}")
+
+
 def save(path, tree, arrays):
     """Write ``tree`` to ``path.json`` and ``arrays`` to ``path.npz``."""
     with open(f"{path}.json", "w") as fh:

@@ -1,31 +1,14 @@
-"""Hidden tests of chapter 2, *Batch norm forward in NumPy*.
+"""Verdicts of chapter 2, *Batch norm forward in NumPy* (probes: :mod:`bncapture.ch02`).
 
-Every check compares the student's code with ``bnref`` on fresh random
-inputs (several shapes, float32 and float64) and names the known mistakes.
+Every verdict compares the probe's records with ``bnref`` (and torch) on the grader's own copy of the inputs,
+rebuilt from the public case builders, and names the known mistakes.
 """
 import numpy as np
 
 import bnref
+from bncapture import ch02 as probes
 
-from bngrade.judge.compare import (Case, Mistake, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects, compare,
-                      random_matrix)
-
-SHAPES = [(2, 3), (7, 5), (64, 33), (129, 1)]
-
-
-def _forward_cases(seed=2):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for shape, eps in zip(SHAPES, (1e-5, 1e-3, 1e-5, 0.1)):
-            x = random_matrix(rng, shape, dtype)
-            gamma = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
-            beta = rng.normal(0.0, 1.0, shape[1]).astype(dtype)
-            cases.append(Case((x, gamma, beta, eps), f"x {shape} {np.dtype(dtype).name}, eps={eps}"))
-    x = random_matrix(rng, (256, 8), np.float32, loc=1e3, scale=1.0)
-    cases.append(Case((x, np.ones(8, np.float32), np.zeros(8, np.float32), 1e-5),
-                      "x (256, 8) float32 with |mean|/std ~ 1e3"))
-    return cases
+from bngrade.judge.compare import Mistake, close, compare, inputs_unchanged, keeps_float32, rejects
 
 
 def _normalize(x, gamma, beta, mean, var, eps, sqrt_eps_outside=False):
@@ -53,40 +36,20 @@ FORWARD_MISTAKES = [
 ]
 
 
-def check_batchnorm_forward(student):
-    """Hidden test of ``batchnorm_forward(x, gamma, beta, eps) -> (out, cache)``."""
-    cases = _forward_cases()
-    compare(student, bnref.batchnorm_forward, cases, "batchnorm_forward", FORWARD_MISTAKES,
+def batchnorm_forward(r):
+    """``batchnorm_forward(x, gamma, beta, eps) -> (out, cache)``: out on every case; inputs intact; float32 kept."""
+    cases = probes.forward_cases()
+    compare(r, "case", bnref.batchnorm_forward, cases, "batchnorm_forward", FORWARD_MISTAKES,
             pick=lambda result: result[0])
-    check_inputs_unchanged(student, cases[:3], "batchnorm_forward")
-    check_dtype(student, cases[-2], "batchnorm_forward")
+    inputs_unchanged(r, "case", cases[:3], "batchnorm_forward")
+    last = len(cases) - 2
+    keeps_float32(r, f"case{last}", bnref.batchnorm_forward(*cases[last].args)[0], "batchnorm_forward",
+                  cases[last].label)
 
 
-def check_forward_rejects_bad_input(student):
-    """Hidden test: wrong dimensions, mismatched gamma/beta and N == 1 raise ValueError."""
-    d = 4
-    g, b = np.ones(d), np.zeros(d)
-    bad = {
-        "a 1-D x": (np.ones(d), g, b),
-        "a 3-D x": (np.ones((2, d, 3)), g, b),
-        "gamma of the wrong length": (np.ones((5, d)), np.ones(d + 1), b),
-        "beta of the wrong length": (np.ones((5, d)), g, np.zeros(d - 1)),
-        "a batch of one sample (N == 1) in training mode": (np.ones((1, d)), g, b),
-    }
-    check_rejects(student, bad, "batchnorm_forward")
-
-
-def _inference_cases(seed=3):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for shape, eps in zip([(9, 6), (50, 17), (1, 4)], (1e-5, 1e-3, 0.2)):
-            x = random_matrix(rng, shape, dtype)
-            d = shape[1]
-            params = [rng.uniform(0.5, 2, d), rng.normal(size=d), rng.normal(size=d), rng.uniform(0.2, 4, d)]
-            cases.append(Case((x, *(p.astype(dtype) for p in params), eps),
-                              f"x {shape} {np.dtype(dtype).name}, eps={eps}"))
-    return cases
+def forward_rejects_bad_input(r):
+    """Wrong dimensions, mismatched gamma/beta and N == 1 raise ValueError."""
+    rejects(r, "bad ", probes.bad_forward_inputs(), "batchnorm_forward")
 
 
 INFERENCE_MISTAKES = [
@@ -101,24 +64,14 @@ INFERENCE_MISTAKES = [
 ]
 
 
-def check_batchnorm_inference(student):
-    """Hidden test of ``batchnorm_inference(x, gamma, beta, running_mean, running_var, eps)``."""
-    cases = _inference_cases()
-    compare(student, bnref.batchnorm_inference, cases, "batchnorm_inference", INFERENCE_MISTAKES)
-    check_inputs_unchanged(student, cases, "batchnorm_inference")
-    check_dtype(student, cases[-1], "batchnorm_inference")
-
-
-def _running_cases(seed=4):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for shape, momentum in zip([(2, 3), (16, 5), (100, 12)], (0.1, 0.5, 0.01)):
-            x = random_matrix(rng, shape, dtype)
-            rm = rng.normal(size=shape[1]).astype(dtype)
-            rv = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
-            cases.append(Case((rm, rv, x, momentum), f"x {shape} {np.dtype(dtype).name}, momentum={momentum}"))
-    return cases
+def batchnorm_inference(r):
+    """``batchnorm_inference(x, gamma, beta, running_mean, running_var, eps)``."""
+    cases = probes.inference_cases()
+    compare(r, "case", bnref.batchnorm_inference, cases, "batchnorm_inference", INFERENCE_MISTAKES)
+    inputs_unchanged(r, "case", cases, "batchnorm_inference")
+    last = len(cases) - 1
+    keeps_float32(r, f"case{last}", bnref.batchnorm_inference(*cases[last].args), "batchnorm_inference",
+                  cases[last].label)
 
 
 def _ema(rm, rv, mean, var, m):
@@ -139,69 +92,63 @@ RUNNING_MISTAKES = [
 ]
 
 
-def check_update_running_stats(student):
-    """Hidden test of ``update_running_stats(running_mean, running_var, x, momentum)``."""
-    cases = _running_cases()
-    compare(student, bnref.update_running_stats, cases, "update_running_stats", RUNNING_MISTAKES)
-    check_inputs_unchanged(student, cases, "update_running_stats")
+def update_running_stats(r):
+    """``update_running_stats(running_mean, running_var, x, momentum) -> (new_mean, new_var)``."""
+    cases = probes.running_cases()
+    compare(r, "case", bnref.update_running_stats, cases, "update_running_stats", RUNNING_MISTAKES)
+    inputs_unchanged(r, "case", cases, "update_running_stats")
 
 
-def check_batchnorm1d(student_cls, steps=4):
-    """Hidden test: step the student's ``BatchNorm1d`` in lockstep with ``torch.nn.BatchNorm1d``."""
+def _torch_steps(d, momentum, gamma, beta, steps):
+    """[(out, running_mean, running_var)] of ``torch.nn.BatchNorm1d`` stepped through ``steps``, from the
+    grader's own gamma, beta and inputs."""
     import torch
 
-    check_not_reference(student_cls, "BatchNorm1d")
-    rng = np.random.default_rng(5)
-    for n, d, momentum in [(8, 3, 0.1), (33, 10, 0.3)]:
-        layer = student_cls(d, momentum=momentum)
-        layer.gamma = rng.uniform(0.5, 2, d)
-        layer.beta = rng.normal(size=d)
-        ref = torch.nn.BatchNorm1d(d, momentum=momentum, dtype=torch.float64)
-        with torch.no_grad():
-            ref.weight.copy_(torch.from_numpy(layer.gamma))
-            ref.bias.copy_(torch.from_numpy(layer.beta))
-        schedule = ["train"] * steps + ["eval"] * 2 + ["train"] * 2
-        for step, mode in enumerate(schedule):
-            getattr(layer, mode)()
+    ref = torch.nn.BatchNorm1d(d, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(gamma))
+        ref.bias.copy_(torch.from_numpy(beta))
+        found = []
+        for mode, x in steps:
             getattr(ref, mode)()
-            x = random_matrix(rng, (n, d), np.float64)
+            out = ref(torch.from_numpy(x)).numpy()
+            found.append((out, ref.running_mean.numpy().copy(), ref.running_var.numpy().copy()))
+    return found
+
+
+def batchnorm1d(r):
+    """``BatchNorm1d`` stepped in lockstep with ``torch.nn.BatchNorm1d``, naming the usual mistakes."""
+    name = "BatchNorm1d"
+    for run, (n, d, momentum, gamma, beta, steps) in enumerate(probes.layer_runs()):
+        r.get(f"{run}.init", None, name, f"BatchNorm1d({d}, momentum={momentum})")
+        for step, ((mode, x), (expected, rm, rv)) in enumerate(zip(steps, _torch_steps(d, momentum, gamma, beta,
+                                                                                        steps))):
             where = f"step {step} ({mode} mode), x ({n}, {d}), momentum={momentum}"
-            try:
-                out = layer.forward(x)
-            except NotImplementedError:
-                raise AssertionError("BatchNorm1d is not implemented yet.") from None
-            except Exception as exc:
-                raise AssertionError(f"BatchNorm1d.forward raised {type(exc).__name__}: {exc} at {where}") from None
-            with torch.no_grad():
-                expected = ref(torch.from_numpy(x)).numpy()
-            _check_step(layer, ref, out, expected, x, mode, where)
+            r.get(f"{run}.{step}.mode", None, f"BatchNorm1d.{mode}", where)
+            out = r.get(f"{run}.{step}.out", expected, "BatchNorm1d.forward", where)
+            if mode == "eval" and close(out, bnref.batchnorm_forward(x, gamma, beta)[0]):
+                raise AssertionError(f"{name}: in eval mode your layer normalizes with the batch statistics; "
+                                     f"it must use running_mean and running_var ({where})")
+            if not close(out, expected, tol=(1e-6, 1e-8)):
+                raise AssertionError(f"{name}.forward output differs from torch.nn.BatchNorm1d at {where} "
+                                     "(if batchnorm_forward or batchnorm_inference fail their tests, fix those first)")
+            mean = r.get(f"{run}.{step}.running_mean", rm, f"{name}.running_mean", where)
+            var = r.get(f"{run}.{step}.running_var", rv, f"{name}.running_var", where)
+            if mode == "eval" and not (close(mean, rm) and close(var, rv)):
+                raise AssertionError(f"{name}: the running statistics changed in eval mode ({where}); "
+                                     "eval mode must leave them alone")
+            if not close(mean, rm, tol=(1e-6, 1e-9)):
+                raise AssertionError(f"{name}.running_mean differs from torch after {where}: is it updated in "
+                                     "training mode with momentum in PyTorch's convention?")
+            if not close(var, rv, tol=(1e-6, 1e-9)):
+                raise AssertionError(f"{name}.running_var differs from torch after {where}: PyTorch averages "
+                                     "the unbiased batch variance, var * N / (N - 1)")
 
 
-def _check_step(layer, ref, out, expected, x, mode, where):
-    """Compare one step's output and buffers with torch, naming the usual mistakes."""
-    rm, rv = ref.running_mean.numpy(), ref.running_var.numpy()
-    if mode == "eval" and np.allclose(out, bnref.batchnorm_forward(x, layer.gamma, layer.beta)[0]):
-        raise AssertionError(f"BatchNorm1d: in eval mode your layer normalizes with the batch statistics; "
-                             f"it must use running_mean and running_var ({where})")
-    if not np.allclose(out, expected, rtol=1e-6, atol=1e-8):
-        raise AssertionError(f"BatchNorm1d.forward output differs from torch.nn.BatchNorm1d at {where} "
-                             "(if batchnorm_forward or batchnorm_inference fail their tests, fix those first)")
-    if mode == "eval" and not (np.allclose(layer.running_mean, rm) and np.allclose(layer.running_var, rv)):
-        raise AssertionError(f"BatchNorm1d: the running statistics changed in eval mode ({where}); "
-                             "eval mode must leave them alone")
-    if not np.allclose(layer.running_mean, rm, rtol=1e-6, atol=1e-9):
-        raise AssertionError(f"BatchNorm1d.running_mean differs from torch after {where}: is it updated in "
-                             "training mode with momentum in PyTorch's convention?")
-    if not np.allclose(layer.running_var, rv, rtol=1e-6, atol=1e-9):
-        raise AssertionError(f"BatchNorm1d.running_var differs from torch after {where}: PyTorch averages "
-                             "the unbiased batch variance, var * N / (N - 1)")
-
-
-def check_keras_momentum_to_torch(student):
-    """Hidden test of ``keras_momentum_to_torch(m)``: the same average in PyTorch's convention."""
-    check_not_reference(student, "keras_momentum_to_torch")
-    for keras in (0.99, 0.9, 0.5, 0.0, 0.999):
-        got = student(keras)
+def keras_momentum_to_torch(r):
+    """``keras_momentum_to_torch(m)``: the same average in PyTorch's convention."""
+    for keras in probes.KERAS_MOMENTA:
+        got = r.get(f"m{keras}", 0.0, "keras_momentum_to_torch", f"m={keras}")
         if not np.isclose(got, 1 - keras, atol=1e-12):
             raise AssertionError(f"keras_momentum_to_torch({keras}) returned {got}: Keras weights the OLD value by "
                                  "momentum, PyTorch weights the NEW batch statistic by momentum")

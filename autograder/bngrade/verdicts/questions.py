@@ -1,8 +1,8 @@
 """Autograded conceptual questions: the keys and what to tell a student who picks a wrong option.
 
 The released notebook asks the question and lists the options; the visible
-test only checks that the answer is one of them. The hidden test calls
-:func:`check_choice`.
+test only checks that the answer is one of them. The hidden test is
+``check("questions.<id>", globals())``: the probe (:mod:`bncapture.questions`) reads the answer variable.
 """
 
 QUESTIONS = {
@@ -162,11 +162,21 @@ QUESTIONS = {
 }
 
 
-def check_choice(question, answer):
-    """Hidden test of a multiple-choice answer."""
-    q = QUESTIONS[question]
-    given = str(answer).strip().upper() if answer is not None else None
-    if given == q["answer"]:
-        return
-    reason = q["why"].get(given, "that is not one of the options.")
-    raise AssertionError(f"{question}: {given!r} is not the best answer. {reason}")
+def _verdict(question):
+    def verdict(r):
+        """The answer to ``question``, against the key."""
+        q = QUESTIONS[question]
+        answer = r.get("answer", "", question, "your answer")
+        given = answer.strip().upper()[:20]
+        if given == q["answer"]:
+            return
+        reason = q["why"].get(given, "that is not one of the options.")
+        raise AssertionError(f"{question}: {given!r} is not the best answer. {reason}")
+    verdict.__name__ = question
+    return verdict
+
+
+def __getattr__(name):
+    if name in QUESTIONS:
+        return _verdict(name)
+    raise AttributeError(name)
