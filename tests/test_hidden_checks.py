@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import bnref
-from bngrade.verdicts import ch01, ch02, ch06, ch07
+from bngrade.verdicts import ch01, ch02, ch06
 from bngrade.judge import compare
 from bngrade.verdicts.questions import QUESTIONS, check_choice
 
@@ -120,7 +120,7 @@ def test_questions_accept_only_the_key(question):
             check_choice(question, wrong)
 
 
-# Chapter 6: spatial batch norm and folding; chapter 7: dropout.
+# Chapter 6: spatial batch norm and folding.
 
 
 def _spatial_student(to_rows, from_rows):
@@ -251,122 +251,7 @@ def test_folding_that_forgets_the_mean_or_eps_is_named(forget, says):
         ch06.check_fold_batchnorm(student)
 
 
-def _dropout_student(draw="random", train_scale=True, eval_scale=False, p_is_keep=False, eval_mask=False,
-                     new_mask=False, cache_scaled_mask=False, rng_source=None, p_one="zeros"):
-    """A student's dropout forward/backward; the defaults are correct, each flag is one mistake or variant.
-
-    ``p_one``: what p = 1 does: "zeros" (correct), "refuse" (ValueError, as the exercise once asked), "nan" (divides
-    by 1 - p = 0 in numpy)."""
-    def forward(x, p, train, rng, mode="inverted"):
-        if p_one == "refuse" and not 0 <= p < 1:
-            raise ValueError(f"p must lie in [0, 1); got {p}")
-        keep = p if p_is_keep else 1.0 - p
-        if rng_source is not None:
-            rng = rng_source()
-        if not train and not eval_mask:
-            scale = keep if (mode == "classic") != eval_scale else 1.0
-            return x * scale, (None, scale)
-        if draw == "binomial":
-            mask = rng.binomial(1, keep, size=x.shape)
-        elif draw == "uniform":
-            mask = rng.uniform(size=x.shape) >= 1.0 - keep
-        else:
-            mask = rng.random(x.shape) < keep
-        scale = 1.0 / keep if mode == "inverted" and train_scale and keep > 0 else 1.0
-        if p_one == "nan" and keep == 0:
-            scale = np.float64(1.0) / np.float64(keep) if mode == "inverted" else 1.0  # 0 * inf
-        if cache_scaled_mask:
-            return x * (mask * scale), (mask * scale, 1.0)
-        return x * mask * scale, (mask, scale)
-
-    def backward(dout, cache):
-        mask, scale = cache
-        if mask is None:
-            return dout * scale
-        if new_mask:
-            mask = np.random.default_rng().random(dout.shape) < mask.mean()
-        return dout * mask * scale
-
-    return forward, backward
-
-
-def _all_dropout_checks(forward, backward):
-    ch07.check_dropout_train(forward)
-    ch07.check_dropout_eval(forward)
-    ch07.check_dropout_classic(forward)
-    ch07.check_dropout_backward(forward, backward)
-
-
-@pytest.mark.parametrize("variant", [{}, {"draw": "binomial"}, {"draw": "uniform"}, {"cache_scaled_mask": True}],
-                         ids=["random", "binomial", "uniform", "scaled-mask-cache"])
-def test_dropout_checks_pass_correct_code_whatever_the_random_stream(variant):
-    _all_dropout_checks(*_dropout_student(**variant))
-
-
-def test_dropout_checks_pass_the_reference():
-    _all_dropout_checks(bnref.dropout_forward, bnref.dropout_backward)
-
-
-@pytest.mark.parametrize("flags,check,says", [
-    ({"train_scale": False}, "train", "no scaling at train time"),
-    ({"eval_scale": True}, "eval", "scaling in eval mode"),
-    ({"p_is_keep": True}, "train", "p is used as the keep probability"),
-    ({"p_is_keep": True}, "classic", "p is used as the keep probability"),
-    ({"eval_mask": True}, "eval", "a mask is applied in eval mode"),
-    ({"eval_mask": True}, "backward", "a mask is applied in eval mode"),
-    ({"new_mask": True}, "backward", "a new mask is drawn in the backward pass"),
-    ({"train_scale": False}, "backward", "dx is not divided by the keep probability"),
-    ({"eval_scale": True}, "classic", "classic dropout multiplies every unit by the keep probability"),
-    ({"rng_source": np.random.default_rng}, "train", "does not take its randomness from the rng argument"),
-    ({"rng_source": lambda: np.random.default_rng(0)}, "train", "same mask twice"),
-])
-def test_each_dropout_mistake_is_named(flags, check, says):
-    forward, backward = _dropout_student(**flags)
-    run = {"train": lambda: ch07.check_dropout_train(forward), "eval": lambda: ch07.check_dropout_eval(forward),
-           "classic": lambda: ch07.check_dropout_classic(forward),
-           "backward": lambda: ch07.check_dropout_backward(forward, backward)}[check]
-    with pytest.raises(AssertionError, match=re.escape(says)):
-        run()
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the "nan" student divides by zero on purpose
-@pytest.mark.parametrize("p_one,check,says", [
-    ("refuse", "train", "raised ValueError"), ("refuse", "classic", "raised ValueError"),
-    ("nan", "train", "got nan or inf"), ("refuse", "backward", "raised ValueError"),
-    ("nan", "backward", "dx must be all zeros; got nan or inf"),
-])
-def test_p_equal_to_one_must_give_zeros_as_torch_does(p_one, check, says):
-    forward, backward = _dropout_student(p_one=p_one)
-    run = {"train": lambda: ch07.check_dropout_train(forward), "classic": lambda: ch07.check_dropout_classic(forward),
-           "backward": lambda: ch07.check_dropout_backward(forward, backward)}[check]
-    with pytest.raises(AssertionError, match=re.escape(says)) as err:
-        run()
-    assert "p=1.0" in str(err.value)
-    if check != "backward":
-        assert "torch.nn.functional.dropout(x, p=1.0) returns" in str(err.value)
-
-
-def test_p_equal_to_one_in_eval_mode_follows_the_convention():
-    def forward(x, p, train, rng, mode="inverted"):  # drops everything whenever p = 1, even in eval mode
-        if p == 1:
-            return np.zeros_like(x), (np.zeros(x.shape, bool), 0.0)
-        return bnref.dropout_forward(x, p, train, rng, mode)
-
-    with pytest.raises(AssertionError, match=re.escape("in eval mode with p = 1 the output must be x * 1")):
-        ch07.check_dropout_eval(forward)
-    ch07.check_dropout_train(forward)    # the training-mode cell tests training mode only
-    ch07.check_dropout_classic(forward)  # classic eval mode is x * (1 - p) = 0 at p = 1
-
-
-def test_a_mask_shared_across_samples_is_named():
-    def student(x, p, train, rng, mode="inverted"):
-        if not train:
-            return x, None
-        mask = rng.random(x.shape[-1]) < 1 - p  # one decision per feature, broadcast over the batch
-        return x * mask / (1 - p), mask
-
-    with pytest.raises(AssertionError, match="decisions are shared"):
-        ch07.check_dropout_train(student)
+# Chapter 7's checks are in test_verdicts_ch07.py.
 
 
 # The solved sources: their visible tests catch the mistakes they are meant to catch

@@ -1,15 +1,14 @@
-"""Hidden tests of chapter 7, *Dropout*.
+"""Verdicts of chapter 7, *Dropout* (probes: :mod:`bncapture.ch07`).
 
-A student may draw the mask any way they like (``rng.random(shape) < keep``,
-``rng.binomial(1, keep, shape)``, ``rng.uniform`` ...), so nothing here
-compares with a particular random stream. Instead each check reads the mask
-off the student's own output: the inputs have no zeros, so ``out != 0`` marks
-the kept units. Then
+A student may draw the mask any way they like (``rng.random(shape) < keep``, ``rng.binomial(1, keep, shape)``,
+``rng.uniform`` ..., in any order of the axes), so nothing here compares with a particular random stream. Each
+verdict reads the mask off the student's own recorded output: the grader's copy of x has no zeros, so
+``out != 0`` marks the kept units. Then, judged on the grader's own x and dout:
 
 * every kept unit must be ``x`` times the convention's scale, every other 0;
 * the fraction dropped must be within 6 standard deviations of ``p``;
 * the keep/drop decisions must be independent per element, and come from ``rng``;
-* the backward pass must let the gradient through exactly the kept units;
+* the backward pass must let the gradient through exactly the units its forward pass kept;
 * ``p = 1`` drops every unit: the training-mode output and its gradient are all zeros, as
   ``torch.nn.functional.dropout(x, p=1.0)`` returns (and as ``bnref`` does).
 """
@@ -17,64 +16,41 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bngrade.judge.compare import Mistake, check_not_reference, close
+from bncapture import ch07 as probes
+
+from bngrade.judge.compare import Mistake, close
 
 FORWARD, BACKWARD = "dropout_forward", "dropout_backward"
 
 KEEP_PROB_MESSAGE = ("p is used as the keep probability; here p is the DROP probability, as in torch.nn.Dropout(p) "
                      "(CS231n and TF1's keep_prob use the keep probability 1 - p)")
-
-
-def signed_values(rng, shape, dtype):
-    """Values with |x| in [0.5, 2] and random signs: no zeros, so ``out != 0`` marks the kept units."""
-    return (rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.5, 2.0, size=shape)).astype(dtype)
+KEEPS_ALL_MESSAGE = ("no unit was dropped: every unit was kept in training mode. Keep each unit with probability "
+                     "1 - p, e.g. rng.random(x.shape) < 1 - p; mind the precedence: `rand < keep / keep` is "
+                     "`rand < 1`, which keeps everything")
+MASK_IN_EVAL = ("a mask is applied in eval mode: at test time no unit is dropped (dropout is deterministic there; "
+                "MC dropout is a deliberate exception, not the eval mode)")
+P_ONE_MESSAGE = ("with p = 1 every unit is dropped: in training mode the output is all zeros, as "
+                 "torch.nn.functional.dropout(x, p=1.0) returns (1 / (1 - p) divides by zero there: handle p = 1 "
+                 "apart, and do not refuse it)")
 
 
 class Draw(NamedTuple):
-    """One call of the student's forward pass."""
+    """One recorded call of the student's forward pass, on the grader's own x."""
 
     x: np.ndarray
     p: float
     out: np.ndarray  # as float64
-    cache: object
     kept: np.ndarray  # bool, out != 0
     label: str
 
 
-def _call(fn, name, args, label):
-    """Call a student's function (no deep copy: the same rng may be passed twice on purpose)."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise AssertionError(f"{name} is not implemented yet.") from None
-    except Exception as exc:  # a student's bug: a failed test that names the input
-        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc} (input: {label})") from None
-
-
-def _as_result(value, shape, name, label):
-    """``value`` as a float64 array of ``shape``, or a failed test that says what is wrong."""
-    try:
-        value = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise AssertionError(f"{name} must return an array; got {type(value).__name__} (input: {label})") from None
-    if value.shape != shape:
-        raise AssertionError(f"{name} returned shape {value.shape}, expected {shape} (input: {label})")
-    return value
-
-
-def draw(student, x, p, train, mode, rng):
-    """Run the student's ``dropout_forward`` on a copy of ``x``; returns a :class:`Draw`."""
-    label = f"x {x.shape} {x.dtype.name}, p={p}, train={train}, mode={mode!r}"
-    given = x.copy()
-    result = _call(student, FORWARD, (given, p, train, rng, mode), label)
-    if not np.array_equal(given, x):
-        raise AssertionError(f"{FORWARD} modifies x in place; return a new array (input: {label})")
-    try:
-        out, cache = result
-    except (TypeError, ValueError):
-        raise AssertionError(f"{FORWARD} must return a tuple (out, cache) (input: {label})") from None
-    out = _as_result(out, x.shape, FORWARD, label)
-    return Draw(x, p, out, cache, out != 0, label)
+def draw(r, key, case):
+    """The :class:`Draw` of the forward call recorded at ``key`` on ``case`` (x must come back intact)."""
+    out = r.get(key, case.x, FORWARD, case.label)
+    if not np.array_equal(r.after(key, 0, case.x, FORWARD, case.label), case.x):
+        raise AssertionError(f"{FORWARD} modifies x in place; return a new array (input: {case.label})")
+    out = out.astype(np.float64)
+    return Draw(case.x, case.p, out, out != 0, case.label)
 
 
 def judge(name, got, expected, dtype, mistakes, args, label, what):
@@ -97,44 +73,66 @@ def _sigma_bound(p, n):
     return 6.0 * np.sqrt(p * (1.0 - p) / n) + 1e-12
 
 
-def check_drop_rate(d, name=FORWARD):
-    """The fraction of dropped units is p, within statistical bounds."""
+def check_drop_rate(d, who=FORWARD):
+    """The fraction of dropped units is p, within statistical bounds (``who`` drew the mask, for the message)."""
     n = d.kept.size
     dropped = 1.0 - d.kept.mean()
     if abs(dropped - d.p) <= _sigma_bound(d.p, n):
         return
     if abs(dropped - (1.0 - d.p)) <= _sigma_bound(d.p, n):
-        raise AssertionError(f"{name}: {KEEP_PROB_MESSAGE}: {dropped:.1%} of the units were dropped with p={d.p} "
+        raise AssertionError(f"{who}: {KEEP_PROB_MESSAGE}: {dropped:.1%} of the units were dropped with p={d.p} "
                              f"(input: {d.label})")
-    raise AssertionError(f"{name} dropped {dropped:.1%} of the units with p={d.p}; each unit must be dropped "
+    raise AssertionError(f"{who} dropped {dropped:.1%} of the units with p={d.p}; each unit must be dropped "
                          f"independently with probability p (input: {d.label})")
 
 
+def check_not_constant(d):
+    """A large mask neither keeps every unit with p > 0 nor drops every unit with p < 1 (odds below 1e-12)."""
+    n = d.kept.size
+    if d.p > 0 and (1.0 - d.p) ** n < 1e-12 and d.kept.all():
+        raise AssertionError(f"{FORWARD}: {KEEPS_ALL_MESSAGE} (p={d.p}; input: {d.label})")
+    if d.p < 1 and d.p ** n < 1e-12 and not d.kept.any():
+        check_drop_rate(d)
+
+
+def _uniform_lines(kept, axis):
+    """(how many lines of ``kept`` along ``axis`` are all kept or all dropped, how many lines there are)."""
+    lines = np.moveaxis(kept, axis, -1).reshape(-1, kept.shape[axis])
+    return int((lines.all(axis=1) | ~lines.any(axis=1)).sum()), len(lines)
+
+
 def check_independent(d):
-    """No row or column of a 2-D mask is all kept or all dropped more often than chance allows."""
-    if d.kept.ndim != 2 or d.p == 0:
+    """Along no axis are the lines of the mask entirely kept or entirely dropped more often than chance allows.
+
+    A line of length L is uniform with probability q = (1-p)^L + p^L; the bound is 6 standard deviations above
+    the expected count (a mask shared along an axis makes every line along it uniform).
+    """
+    if d.p == 0:
         return
-    for axis, what in ((1, "rows (samples)"), (0, "columns (features)")):
-        uniform = np.all(d.kept, axis=axis) | ~np.any(d.kept, axis=axis)
-        if uniform.sum() > max(5, 0.05 * uniform.size):
-            raise AssertionError(f"{FORWARD}: the keep/drop decisions are shared: {uniform.sum()} of {uniform.size} "
-                                 f"{what} are entirely kept or entirely dropped. Draw one independent decision "
-                                 f"per element, a mask of shape x.shape (input: {d.label})")
+    for axis, length in enumerate(d.kept.shape):
+        uniform, lines = _uniform_lines(d.kept, axis)
+        q = (1.0 - d.p) ** length + d.p ** length
+        if length < 2 or uniform <= lines * q + 6.0 * np.sqrt(lines * q * (1.0 - q)) + 5:
+            continue
+        what = "samples of the batch" if axis == 0 else f"entries along axis {axis}"
+        raise AssertionError(f"{FORWARD}: the keep/drop decisions are shared: {uniform} of {lines} lines across "
+                             f"the {what} are entirely kept or entirely dropped (one decision for all of them). "
+                             f"Draw one independent decision per element, a mask of shape x.shape "
+                             f"(input: {d.label})")
 
 
-def check_uses_rng(student, x, p, mode):
+def _check_uses_rng(r):
     """The mask comes from ``rng``: equal seeds give equal masks, and a generator is not re-seeded."""
-    first = draw(student, x, p, True, mode, np.random.default_rng(123))
-    again = draw(student, x, p, True, mode, np.random.default_rng(123))
-    if not np.array_equal(first.out, again.out):
+    cases = probes.rng_cases()
+    a, b, one, two = (draw(r, key, case).out for key, case in cases.items())
+    label = next(iter(cases.values())).label
+    if not np.array_equal(a, b):
         raise AssertionError(f"{FORWARD} does not take its randomness from the rng argument: two generators "
                              f"with the same seed gave different masks. Draw the mask with rng, e.g. "
-                             f"rng.random(x.shape) (input: {first.label})")
-    rng = np.random.default_rng(321)
-    one, two = draw(student, x, p, True, mode, rng), draw(student, x, p, True, mode, rng)
-    if np.array_equal(one.out, two.out):
+                             f"rng.random(x.shape) (input: {label})")
+    if np.array_equal(one, two):
         raise AssertionError(f"{FORWARD} returned the same mask twice from one generator: it must draw a fresh "
-                             f"mask from rng at every call, without re-seeding (input: {one.label})")
+                             f"mask from rng at every call, without re-seeding (input: {label})")
 
 
 def _kept(scale):
@@ -176,91 +174,68 @@ EVAL_MISTAKES = {
 }
 EVAL_SCALE = {"inverted": lambda p: 1.0, "classic": lambda p: 1.0 - p}
 
-MASK_IN_EVAL = ("a mask is applied in eval mode: at test time no unit is dropped (dropout is deterministic there; "
-                "MC dropout is a deliberate exception, not the eval mode)")
 
-
-def check_train_mode(student, mode, cases, seed):
-    """Values, rate and independence of the training-mode mask, for one convention."""
-    rng = np.random.default_rng(seed)
-    for shape, p, dtype in cases:
-        x = signed_values(rng, shape, dtype)
-        d = draw(student, x, p, True, mode, np.random.default_rng(rng.integers(1 << 31)))
-        scale = TRAIN_SCALE[mode](p)
-        judge(FORWARD, d.out, x * d.kept * scale, dtype, TRAIN_MISTAKES[mode], (x, p, d.kept), d.label,
+def _check_train_mode(r, prefix, cases):
+    """Values, rate and independence of each recorded training-mode mask."""
+    for index, case in enumerate(cases):
+        d = draw(r, f"{prefix}{index}", case)
+        check_not_constant(d)
+        scale = TRAIN_SCALE[case.mode](case.p)
+        judge(FORWARD, d.out, case.x * d.kept * scale, case.x.dtype, TRAIN_MISTAKES[case.mode],
+              (case.x, case.p, d.kept), d.label,
               f"in training mode each unit must be either 0 (dropped) or x * {scale:.4g} (kept)")
         check_independent(d)
         check_drop_rate(d)
 
 
-def check_eval_mode(student, mode, cases, seed):
+def _check_eval_mode(r, prefix, cases):
     """Eval mode is deterministic: x for inverted dropout, x * (1 - p) for classic dropout."""
-    rng = np.random.default_rng(seed)
-    for shape, p, dtype in cases:
-        x = signed_values(rng, shape, dtype)
-        d = draw(student, x, p, False, mode, np.random.default_rng(rng.integers(1 << 31)))
+    for index, case in enumerate(cases):
+        d = draw(r, f"{prefix}{index}", case)
         if not d.kept.all():
             raise AssertionError(f"{FORWARD}: {MASK_IN_EVAL} (input: {d.label})")
-        judge(FORWARD, d.out, x * EVAL_SCALE[mode](p), dtype, EVAL_MISTAKES[mode], (x, p), d.label,
-              f"in eval mode the output must be x * {EVAL_SCALE[mode](p):.4g}")
+        scale = EVAL_SCALE[case.mode](case.p)
+        judge(FORWARD, d.out, case.x * scale, case.x.dtype, EVAL_MISTAKES[case.mode], (case.x, case.p), d.label,
+              f"in eval mode the output must be x * {scale:.4g}")
 
 
-TRAIN_CASES = [((400, 50), 0.2, np.float64), ((400, 50), 0.7, np.float64), ((100, 8, 8), 0.35, np.float32),
-               ((20000,), 0.1, np.float32), ((3, 4), 0.0, np.float64)]
-EVAL_CASES = [((50, 20), 0.3, np.float64), ((10, 4, 4), 0.75, np.float32), ((7,), 0.0, np.float64)]
-
-
-P_ONE_MESSAGE = ("with p = 1 every unit is dropped: in training mode the output is all zeros, as "
-                 "torch.nn.functional.dropout(x, p=1.0) returns (1 / (1 - p) divides by zero there: handle p = 1 "
-                 "apart, and do not refuse it)")
-
-
-def check_p_one(student, mode, train, seed):
+def _check_p_one(r, key, case):
     """``p = 1``: all zeros in training mode; in eval mode ``x * EVAL_SCALE`` (x for inverted dropout, as torch)."""
-    rng = np.random.default_rng(seed)
-    x = signed_values(rng, (20, 10), np.float64)
     try:
-        d = draw(student, x, 1.0, train, mode, np.random.default_rng(rng.integers(1 << 31)))
+        d = draw(r, key, case)
     except AssertionError as err:  # it raised: name the case
         raise AssertionError(f"{err}; {P_ONE_MESSAGE}") from None
-    if train and not np.all(d.out == 0):
+    if case.train and not np.all(d.out == 0):
         got = "nan or inf" if not np.all(np.isfinite(d.out)) else f"{np.count_nonzero(d.out)} nonzero values"
         raise AssertionError(f"{FORWARD}: {P_ONE_MESSAGE}; got {got} (input: {d.label})")
-    scale = EVAL_SCALE[mode](1.0)
-    if not train and not close(d.out, x * scale, np.float64):
+    scale = EVAL_SCALE[case.mode](1.0)
+    if not case.train and not close(d.out, case.x * scale, np.float64):
         raise AssertionError(f"{FORWARD}: in eval mode with p = 1 the output must be x * {scale:g}, as for any p "
                              f"(input: {d.label})")
 
 
-def check_dropout_train(student):
-    """Hidden test of ``dropout_forward(x, p, train=True, rng, mode="inverted")``."""
-    check_not_reference(student, FORWARD)
-    check_train_mode(student, "inverted", TRAIN_CASES, seed=71)
-    check_uses_rng(student, np.ones((40, 30)), 0.4, "inverted")
-    check_p_one(student, "inverted", train=True, seed=76)
+def dropout_train(r):
+    """``dropout_forward(x, p, train=True, rng, mode="inverted")``."""
+    _check_train_mode(r, "train", probes.forward_cases(probes.TRAIN_CASES, True, "inverted", seed=71))
+    _check_uses_rng(r)
+    _check_p_one(r, "p1", probes.p_one_case(True, "inverted", seed=76))
 
 
-def check_dropout_eval(student):
-    """Hidden test of ``dropout_forward(x, p, train=False, rng, mode="inverted")``: the identity."""
-    check_not_reference(student, FORWARD)
-    check_eval_mode(student, "inverted", EVAL_CASES, seed=72)
-    check_p_one(student, "inverted", train=False, seed=78)
+def dropout_eval(r):
+    """``dropout_forward(x, p, train=False, rng, mode="inverted")``: the identity."""
+    _check_eval_mode(r, "eval", probes.forward_cases(probes.EVAL_CASES, False, "inverted", seed=72))
+    _check_p_one(r, "p1", probes.p_one_case(False, "inverted", seed=78))
 
 
-def check_dropout_classic(student):
-    """Hidden test of ``mode="classic"``: unscaled mask in training, times 1 - p in eval mode."""
-    check_not_reference(student, FORWARD)
-    check_train_mode(student, "classic", TRAIN_CASES[:3], seed=73)
-    check_eval_mode(student, "classic", EVAL_CASES, seed=74)
-    check_p_one(student, "classic", train=True, seed=77)
-    check_p_one(student, "classic", train=False, seed=79)
+def dropout_classic(r):
+    """``mode="classic"``: unscaled mask in training, times 1 - p in eval mode."""
+    _check_train_mode(r, "train", probes.forward_cases(probes.TRAIN_CASES[:3], True, "classic", seed=73))
+    _check_eval_mode(r, "eval", probes.forward_cases(probes.EVAL_CASES, False, "classic", seed=74))
+    _check_p_one(r, "p1 train", probes.p_one_case(True, "classic", seed=77))
+    _check_p_one(r, "p1 eval", probes.p_one_case(False, "classic", seed=79))
 
 
 # Backward
-
-BACKWARD_CASES = [((300, 40), 0.3, True, "inverted", np.float64), ((50, 8, 8), 0.6, True, "inverted", np.float32),
-                  ((300, 40), 0.25, True, "classic", np.float64), ((30, 20), 0.4, False, "inverted", np.float64),
-                  ((30, 20), 0.4, False, "classic", np.float32)]
 
 BACKWARD_TRAIN_MISTAKES = {
     "inverted": [
@@ -273,9 +248,11 @@ BACKWARD_TRAIN_MISTAKES = {
                 "elsewhere", _kept(lambda p: 1.0 / (1.0 - p))),
     ],
 }
+BACKWARD_EVAL_MISTAKES = {mode: [Mistake(m.message.replace("your eval mode returns x", "your backward returns dout"),
+                                         m.fn) for m in mistakes] for mode, mistakes in EVAL_MISTAKES.items()}
 
 
-def _check_backward_mask(dx, d, dtype):
+def _check_backward_mask(dx, d):
     """dx must be zero exactly where the forward pass dropped a unit."""
     passed = dx != 0
     if np.array_equal(passed, d.kept):
@@ -291,32 +268,32 @@ def _check_backward_mask(dx, d, dtype):
                          f"forward's mask from the cache (input: {d.label})")
 
 
-def check_dropout_backward(forward, backward):
-    """Hidden test of ``dropout_backward(dout, cache)`` with the cache of the student's forward pass."""
-    check_not_reference(forward, FORWARD)
-    check_not_reference(backward, BACKWARD)
-    rng = np.random.default_rng(75)
-    for shape, p, train, mode, dtype in BACKWARD_CASES:
-        x = signed_values(rng, shape, dtype)
-        d = draw(forward, x, p, train, mode, np.random.default_rng(rng.integers(1 << 31)))
-        dout = signed_values(rng, shape, dtype)
-        dx = _as_result(_call(backward, BACKWARD, (dout.copy(), d.cache), d.label), shape, BACKWARD, d.label)
-        if train:
-            _check_backward_mask(dx, d, dtype)
-            scale = TRAIN_SCALE[mode](p)
-            judge(BACKWARD, dx, dout * d.kept * scale, dtype, BACKWARD_TRAIN_MISTAKES[mode], (dout, p, d.kept),
-                  d.label, f"dx must be dout * {scale:.4g} on the kept units and 0 on the dropped ones")
-        else:
-            if not (dx != 0).all():
-                raise AssertionError(f"{BACKWARD}: {MASK_IN_EVAL} (input: {d.label})")
-            judge(BACKWARD, dx, dout * EVAL_SCALE[mode](p), dtype,
-                  [Mistake(m.message.replace("your eval mode returns x", "your backward returns dout"), m.fn)
-                   for m in EVAL_MISTAKES[mode]], (dout, p), d.label,
-                  f"in eval mode dx must be dout * {EVAL_SCALE[mode](p):.4g}")
-    x, dout = signed_values(rng, (20, 10), np.float64), signed_values(rng, (20, 10), np.float64)
-    d = draw(forward, x, 1.0, True, "inverted", np.random.default_rng(rng.integers(1 << 31)))
-    dx = _as_result(_call(backward, BACKWARD, (dout.copy(), d.cache), d.label), x.shape, BACKWARD, d.label)
-    if not np.all(dx == 0):
-        raise AssertionError(f"{BACKWARD}: with p = 1 the forward pass dropped every unit, so dx must be all zeros; "
-                             f"got {'nan or inf' if not np.all(np.isfinite(dx)) else 'nonzero values'} "
-                             f"(input: {d.label})")
+def _check_backward_case(dx, d, case):
+    """dx of one case against the grader's own dout and the mask the student's forward recorded."""
+    forward, dout, dtype = case.forward, case.dout, case.dout.dtype
+    if forward.p == 1.0:
+        if not np.all(dx == 0):
+            raise AssertionError(f"{BACKWARD}: with p = 1 the forward pass dropped every unit, so dx must be all "
+                                 f"zeros; got {'nan or inf' if not np.all(np.isfinite(dx)) else 'nonzero values'} "
+                                 f"(input: {d.label})")
+    elif forward.train:
+        check_drop_rate(d, who=f"{BACKWARD} (its forward pass)")  # a forward that drops all cannot pass for free
+        _check_backward_mask(dx, d)
+        scale = TRAIN_SCALE[forward.mode](forward.p)
+        judge(BACKWARD, dx, dout * d.kept * scale, dtype, BACKWARD_TRAIN_MISTAKES[forward.mode],
+              (dout, forward.p, d.kept), d.label,
+              f"dx must be dout * {scale:.4g} on the kept units and 0 on the dropped ones")
+    else:
+        if not (dx != 0).all():
+            raise AssertionError(f"{BACKWARD}: {MASK_IN_EVAL} (input: {d.label})")
+        scale = EVAL_SCALE[forward.mode](forward.p)
+        judge(BACKWARD, dx, dout * scale, dtype, BACKWARD_EVAL_MISTAKES[forward.mode], (dout, forward.p), d.label,
+              f"in eval mode dx must be dout * {scale:.4g}")
+
+
+def dropout_backward(r):
+    """``dropout_backward(dout, cache)`` with the cache of the student's own forward pass."""
+    for index, case in enumerate(probes.backward_cases()):
+        d = draw(r, f"forward{index}", case.forward)
+        dx = r.get(f"backward{index}", case.dout, BACKWARD, case.label).astype(np.float64)
+        _check_backward_case(dx, d, case)
