@@ -106,38 +106,6 @@ def test_grading_is_refused_where_no_sandbox_can_be_made(tmp_path, monkeypatch):
         grading.grade_class(object(), "ch02_batchnorm_forward", tmp_path, progress=False)
 
 
-def test_the_static_scan_bans_framework_ops_and_their_callers_and_flags_tricks():
-    from bngrade.judge.scan import scan
-
-    cells = {"batchnorm_forward": "import torch.nn.functional as F\ndef batchnorm_forward(x, g, b, eps=1e-5):\n"
-                                  "    return F.batch_norm(x, None, None, g, b, True, 0.1, eps), None",
-             "batchnorm1d": "class BatchNorm1d:\n    def forward(self, x):\n        return batchnorm_forward(x, 1, 0)",
-             "inference": "def batchnorm_inference(x, g, b, m, v, eps=1e-5):\n    return getattr(x, 'copy')()"}
-    banned, flags = scan("ch02_batchnorm_forward", cells)
-    assert set(banned) == {"batchnorm_forward", "BatchNorm1d"}
-    assert "batch_norm" in banned["batchnorm_forward"] and "from scratch" in banned["BatchNorm1d"]
-    assert ("inference", "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)") \
-        in flags
-    assert scan("ch07_dropout", cells)[0] == {}, "batch_norm is not forbidden in the dropout assignment"
-
-
-def test_the_scan_bans_an_answer_bound_by_assignment_next_to_an_honest_def():
-    """``batchnorm_forward = lambda ...`` beside a def: the alias is banned, a plain constant is not."""
-    from bngrade.judge.scan import scan
-
-    cells = {"forward": "import torch\nEPS = 1e-5\ndef helper(x):\n    return x\n"
-                        "batchnorm_forward = lambda x, g, b, p: (torch.nn.functional.batch_norm(\n"
-                        "    torch.from_numpy(x), None, None, training=True).numpy(), None)\n",
-             "inference": "def batchnorm_inference(x, g, b, m, v, eps=EPS):\n    return x",
-             "alias": "forward_again = batchnorm_forward\nglobals()['batchnorm_backward'] = helper"}
-    banned, flags = scan("ch02_batchnorm_forward", cells)
-    assert set(banned) == {"helper", "batchnorm_forward", "forward_again"}
-    assert banned["forward_again"].startswith("forward_again calls batchnorm_forward: batchnorm_forward uses "
-                                              "batch_norm, a framework op")
-    assert ("alias", "touches sys.modules, builtins or interpreter internals (or looks names up dynamically)") \
-        in flags
-
-
 @pytest.mark.skipif(sandbox.available() is not None, reason=f"no sandbox here: {sandbox.available()}")
 def test_the_same_runner_sees_the_repository_only_without_the_sandbox():
     """``--no-sandbox`` runs the notebook the same way, with the grader's view; the sandbox hides the repository."""

@@ -28,10 +28,12 @@ def test_tracked_notebooks_have_no_outputs_or_execution_counts():
 
 def test_every_test_cell_is_judged_outside_the_sandbox():
     """A test cell without a hidden block would be scored from the sandbox's own outputs alone: none may exist.
-    And the static scan passes every solution: no framework op banned, nothing flagged but what the solution does."""
+    Every check it names has a public probe that reads a student's name, and a trusted verdict. And the static
+    scan passes every solution: nothing banned, nothing flagged."""
     import jupytext
 
-    from bngrade.judge.hidden import hidden_code, is_test_cell, student_names
+    from bngrade.judge.check import names_of, verdict_of
+    from bngrade.judge.hidden import check_keys, is_test_cell
     from bngrade.judge.scan import scan
 
     for assignment in assignments():
@@ -39,10 +41,11 @@ def test_every_test_cell_is_judged_outside_the_sandbox():
         tests = [c for c in nb.cells if is_test_cell(c)]
         assert tests, assignment
         for cell in tests:
-            code = hidden_code(cell)
-            assert code and student_names(code), f"{assignment}: {cell.metadata['nbgrader']['grade_id']} has no " \
-                                                 "hidden block that judges a student's name"
+            keys = check_keys(cell)
+            assert keys, f"{assignment}: {cell.metadata['nbgrader']['grade_id']} has no hidden check"
+            for key in keys:
+                assert names_of(key) and callable(verdict_of(key)), f"{assignment}: {key}"
         answers = {c.metadata["nbgrader"]["grade_id"]: c.source for c in nb.cells
                    if c.metadata.get("nbgrader", {}).get("solution")}
-        banned, _ = scan(assignment, answers)
-        assert banned == {}, f"{assignment}: the solution itself is banned: {banned}"
+        banned, flags = scan(assignment, answers)
+        assert banned == {} and flags == [], f"{assignment}: the solution itself is banned or flagged: {banned} {flags}"

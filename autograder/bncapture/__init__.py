@@ -1,13 +1,12 @@
-"""The grader's capture helper: the only grading code that runs beside a student's notebook.
+"""The public half of grading: the only grading code that runs beside a student's code, in the sandbox.
 
-It is public on purpose. Inside the sandbox it knows no reference, no expected
-output and no answer key: the hidden part of each test cell is replaced by one
-call, ``capture("<grade id>", globals())``, which performs the calls that the
-grader prepared for that cell (:mod:`bncapture.runner`) on the inputs the grader
-wrote as data, and saves what the student's code returned as plain data
-(:mod:`bncapture.codec`: JSON and ``.npz``, never pickle). The grader decides
-every grade outside the sandbox, from its own copy of the inputs.
+It is public on purpose, and it decides nothing. It holds no reference, no expected output and no answer key:
+
+* :mod:`bncapture.notebook` runs the whole notebook (visible tests included) for the feedback;
+* :mod:`bncapture.answers` runs the answer cells alone in a fresh interpreter, then each test cell's probes;
+* :mod:`bncapture.probe` and the chapters' modules (``bncapture.chNN``) are the probes: the inputs (public
+  builders, :mod:`bncapture.cases`), the calls and their chaining; what came back is recorded as plain data
+  (:mod:`bncapture.codec`: JSON and ``.npz``, never pickle).
+
+The grader decides every grade outside the sandbox, from its own copy of the inputs (``bngrade.verdicts``).
 """
-from .runner import capture
-
-__all__ = ["capture"]

@@ -1,9 +1,9 @@
 """Inside the sandbox: execute one notebook with nbgrader's own Execute preprocessor, send back the results.
 
-``python -m bncapture.notebook INPUT WORK`` copies ``INPUT/notebook.ipynb`` and the cells' scripts into
-``WORK``, runs every cell (``INPUT/settings.json`` holds the Execute settings: per-cell timeout, interrupt on
-timeout, the timeout error), and writes one zip to its standard output: the executed notebook, ``status.json``
-(how the run ended) and the captured outcomes ``out/<cell>.json|.npz``. Nothing else leaves the sandbox.
+``python -m bncapture.notebook INPUT WORK`` copies ``INPUT/notebook.ipynb`` (its test cells without their hidden
+blocks: those are probed apart, by :mod:`bncapture.answers`) into ``WORK``, runs every cell (``INPUT/settings.json``
+holds the Execute settings: per-cell timeout, interrupt on timeout, the timeout error), and writes one zip to its
+standard output: the executed notebook and ``status.json`` (how the run ended). Nothing else leaves the sandbox.
 """
 import io
 import json
@@ -21,7 +21,6 @@ def main(argv=None):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     settings = json.loads((source / "settings.json").read_text())
-    shutil.copytree(source / "script", work / ".bncapture" / "script")
     notebook_path = work / settings["name"]
     shutil.copyfile(source / "notebook.ipynb", notebook_path)
 
@@ -39,11 +38,6 @@ def main(argv=None):
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("notebook.ipynb", nbformat.writes(nb))
         zf.writestr("status.json", json.dumps(status))
-        out = work / ".bncapture" / "out"
-        if out.is_dir():
-            for path in sorted(out.iterdir())[:1000]:
-                if path.is_file() and not path.is_symlink():
-                    zf.write(path, f"out/{path.name}")
     channel.write(buffer.getvalue())
     channel.flush()
 

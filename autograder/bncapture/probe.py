@@ -91,7 +91,10 @@ class Probe:
         """
         if key in self.records:
             raise KeyError(f"probe key {key!r} used twice")
-        args, kwargs = copy.deepcopy(args), copy.deepcopy(kwargs)
+        try:  # the student's call gets its own copies (a cache that cannot be copied is passed as it is)
+            args, kwargs = copy.deepcopy((args, kwargs))
+        except Exception:
+            pass
         try:
             result = fn(*args, **kwargs)
         except Deadline:

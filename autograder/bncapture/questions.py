@@ -1,4 +1,5 @@
 """Probes of the multiple-choice questions: each reads the notebook's answer variable (the key is the grader's)."""
+from .probe import Missing
 
 #: question id -> the notebook's variable that holds the answer
 VARIABLES = {
@@ -17,7 +18,10 @@ def _probe(question):
     def probe(p):
         """Record the answer as text (a string of at most a few characters is all a verdict reads)."""
         answer = p.student(VARIABLES[question])
-        p.put("answer", answer if isinstance(answer, str) else None)
+        if isinstance(answer, Missing):
+            p.call("answer", answer)   # records its NameError
+        else:
+            p.put("answer", answer if isinstance(answer, str) else None)
     probe.__name__ = question
     return probe
 

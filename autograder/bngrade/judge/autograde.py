@@ -1,25 +1,34 @@
-"""nbgrader's autograde, split at the trust boundary: a sandboxed execute step, then a trusted judge.
+"""nbgrader's autograde, split at the trust boundary: sandboxed execution, then a trusted judge.
 
 ``c.Autograde.autograde_preprocessors`` (see ``autograder/nbgrader_config.py``) runs, after nbgrader's own
-sanitizing steps (which restore every test cell from the gradebook):
+sanitizing steps (which restore every test and locked cell from the gradebook):
 
-1. :class:`SandboxedExecute`: the notebook, with each hidden block replaced by a capture call, runs in a
-   fresh :mod:`bngrade.sandbox`; the executed cells' outputs and the captured outcomes come back as data.
+1. :class:`SandboxedExecute`: two sandboxes at once, one run each, a pure function of the submission and the
+   grader's files (:func:`execute`):
+
+   * the **notebook** (:mod:`bncapture.notebook`): every cell in order, the hidden blocks removed, with nbgrader's
+     own Execute; its outputs and the visible tests' errors come back for the feedback;
+   * the **probes** (:mod:`bncapture.answers`): a fresh interpreter runs the answer cells alone, with the
+     assignment's banned frameworks hidden (:mod:`bngrade.judge.frameworks`), then each test cell's public
+     probes; their records come back as plain data.
 2. nbgrader's ``IgnorePattern`` (warnings and progress bars on stderr are not errors).
-3. :class:`Judge`: each test cell's hidden block runs here, on the outcomes (:mod:`bngrade.judge.remote`); a failed
-   verdict becomes the cell's error output, so that nbgrader's own ``SaveAutoGrades`` scores it 0 and the
-   feedback shows the message. A cell also fails when the sandbox shows an error in it (a failure can only
-   cost the student; a pass is never taken from the sandbox).
+3. :class:`Judge`: each check's trusted verdict (:mod:`bngrade.verdicts`) decides from the records and the
+   grader's own inputs; a failed verdict becomes the cell's error output, so that nbgrader's own
+   ``SaveAutoGrades`` scores it 0 and the feedback shows the message. A cell also fails when the notebook shows
+   an error in it (a failure can only cost the student; a pass is never taken from the sandbox).
 
-The sandboxed step is a pure function of the submission and the release files (:func:`execute`).
+The judge's contract is in :mod:`bngrade` (``autograder/bngrade/__init__.py``).
 """
 import io
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -30,22 +39,25 @@ import bncapture
 from bncapture import codec
 
 from bngrade import sandbox
-from bngrade.judge.hidden import grade_id, hidden_code, is_test_cell, sandboxed_source, student_names
-from bngrade.judge.remote import Diverged, NoResult, Session, Unjudgeable, run_hidden
+from bngrade.judge.check import judge, names_of
+from bngrade.judge.frameworks import unavailable_paths
+from bngrade.judge.hidden import (check_keys, grade_id, hidden_code, is_answer_cell, is_students, is_test_cell,
+                                  without_hidden)
 from bngrade.judge.scan import defined_sources, scan
 
 CAPTURE_PACKAGE = Path(bncapture.__file__).parent
 OUT_NAME = re.compile(r"^out/([A-Za-z0-9_.\-]{1,100})\.(json|npz)$")
 MAX_TEXT = 20_000
-EXTRA_ROUNDS = 2
+#: memory the judging process may add while it decides one notebook (outside every sandbox)
+JUDGE_MEMORY = 2 * sandbox.GiB
 
 
 def work_dir():
-    """The trusted folder of this grading run (scripts, reports), set by ``bngrade grade``."""
+    """The trusted folder of this grading run (reports), set by ``bngrade grade``."""
     path = os.environ.get("BNGRADE_WORK")
     if not path:
         raise RuntimeError("this nbgrader configuration grades in a sandbox: run `python -m bngrade grade`, "
-                           "which records the scripts and sets BNGRADE_WORK")
+                           "which sets BNGRADE_WORK")
     return Path(path)
 
 
@@ -71,89 +83,121 @@ def _clean_output(output, keep_rich):
     return None
 
 
-def _parse(blob, limits):
-    """(executed notebook or None, status, {cell: (tree, arrays) or error text}) from the sandbox's zip.
-
-    The output limit applies to what the zip holds once unpacked: over it, nothing is used.
-    """
+def _open(blob, limits):
+    """(zipfile, {name: info}) of a sandbox's results, or (None, status) when they are unusable."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
     except (zipfile.BadZipFile, ValueError):
-        return None, {"ended": "error", "error": "the sandbox sent back no readable results"}, {}
+        return None, {"ended": "error", "error": "the sandbox sent back no readable results", "cells": {}}
+    infos = {i.filename: i for i in zf.infolist()[:2100]}
+    if sum(i.file_size for i in infos.values()) > limits.output:
+        return None, {"ended": "killed", "error": f"sent back more than {limits.output / sandbox.MiB:g} MB of "
+                                                  "output; nothing of it was used", "cells": {}}
+    return zf, infos
+
+
+def _read(zf, infos, name, limit):
+    info = infos.get(name)
+    return zf.read(info) if info is not None and info.file_size <= limit else None
+
+
+def _status(zf, infos):
+    try:
+        status = json.loads(_read(zf, infos, "status.json", 1_000_000) or b'{"ended": "error", "error": "no status"}')
+        cells = status.get("cells") if isinstance(status.get("cells"), dict) else {}
+        return {"ended": str(status.get("ended")), "error": str(status.get("error", ""))[:600],
+                "cells": {str(k)[:100]: str(v)[:400] for k, v in list(cells.items())[:100]}}
+    except (ValueError, AttributeError):
+        return {"ended": "error", "error": "unreadable status", "cells": {}}
+
+
+def parse_notebook(blob, limits):
+    """(executed notebook or None, status) from the notebook sandbox's zip."""
+    zf, infos = _open(blob, limits)
+    if zf is None:
+        return None, infos
     with zf:
-        infos = {i.filename: i for i in zf.infolist()[:2100]}
-        if sum(i.file_size for i in infos.values()) > limits.output:
-            return None, {"ended": "killed", "error": f"sent back more than {limits.output / sandbox.MiB:g} MB of "
-                                                      "output; nothing of it was used"}, {}
-
-        def read(name, limit):
-            info = infos.get(name)
-            return zf.read(info) if info is not None and info.file_size <= limit else None
-
+        status = _status(zf, infos)
         try:
-            status = json.loads(read("status.json", 100_000) or b'{"ended": "error", "error": "no status"}')
-            status = {"ended": str(status.get("ended")), "error": str(status.get("error", ""))[:600]}
-        except (ValueError, AttributeError):
-            status = {"ended": "error", "error": "unreadable status"}
-        try:
-            text = read("notebook.ipynb", limits.output)
+            text = _read(zf, infos, "notebook.ipynb", limits.output)
             executed = nbformat.reads(text.decode("utf-8"), as_version=4) if text else None
         except Exception:
             executed = None
-        outcomes = {}
+    return executed, status
+
+
+def parse_probes(blob, limits):
+    """(status, {cell: (tree, LazyArrays) or error text}) from the probe sandbox's zip; arrays stay unread."""
+    zf, infos = _open(blob, limits)
+    if zf is None:
+        return infos, {}
+    with zf:
+        status = _status(zf, infos)
+        records = {}
         for name in infos:
             match = OUT_NAME.match(name)
             if not match or match.group(2) != "json":
                 continue
             cell = match.group(1)
             try:
-                outcomes[cell] = codec.loads(read(name, codec.MAX_JSON_BYTES) or b"",
-                                             read(f"out/{cell}.npz", codec.MAX_ARRAY_BYTES) or b"")
+                tree, _ = codec.loads(_read(zf, infos, name, codec.MAX_JSON_BYTES) or b"", b"")
+                records[cell] = (tree, codec.LazyArrays(_read(zf, infos, f"out/{cell}.npz", codec.MAX_ARRAY_BYTES)))
             except codec.Malformed as exc:
-                outcomes[cell] = f"its results are malformed ({exc})"
-    return executed, status, outcomes
+                records[cell] = f"its results are malformed ({exc})"
+    return status, records
 
 
-def execute(nb, name, scripts, settings, limits, gpu=False, extra_ro=(), use_sandbox=True):
-    """Run ``nb`` in a fresh sandbox: a pure function of the notebook, the scripts and the settings.
+def _input_folder(tmp, nb, name, files):
+    """A folder the sandbox reads: the notebook, the given JSON files and the capture helper, readable by all."""
+    folder = Path(tmp)
+    nbformat.write(nb, folder / "notebook.ipynb")
+    for file_name, content in files.items():
+        (folder / file_name).write_text(json.dumps(content))
+    shutil.copytree(CAPTURE_PACKAGE, folder / "lib" / "bncapture", ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(folder, 0o755)
+    return folder
+
+
+def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_sandbox=True):
+    """Run the notebook and the probes of ``nb`` in two fresh sandboxes at once (one run each).
 
     Args:
         nb: the sanitized notebook (test cells as the instructor wrote them).
-        scripts: {grade id: (tree, arrays)} of the cells' scripts.
         settings: keyword arguments of nbgrader's Execute (timeout, interrupt_on_timeout, error_on_timeout).
 
     Returns:
-        (executed notebook or None, status, outcomes, limits exceeded).
+        (executed notebook or None, notebook status, probe status, {cell: records}, limits exceeded).
     """
-    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
-    for cell in copy.cells:
+    notebook = nbformat.from_dict(json.loads(json.dumps(nb)))
+    plan = {}
+    for cell in notebook.cells:
         if is_test_cell(cell) and hidden_code(cell):
-            cell.source = sandboxed_source(cell)
-    with tempfile.TemporaryDirectory(prefix="bngrade-in-") as tmp:
-        folder = Path(tmp)
-        nbformat.write(copy, folder / "notebook.ipynb")
-        (folder / "settings.json").write_text(json.dumps({"name": name, "execute": settings}))
-        (folder / "script").mkdir()
-        for cell, (tree, arrays) in scripts.items():
-            codec.save(folder / "script" / cell, tree, arrays)
-        shutil.copytree(CAPTURE_PACKAGE, folder / "lib" / "bncapture", ignore=shutil.ignore_patterns("__pycache__"))
-        os.chmod(folder, 0o755)
-        if use_sandbox:
-            outcome = sandbox.run(folder, limits, gpu=gpu, extra_ro=extra_ro)
-        else:
-            outcome = sandbox.run_unsandboxed(folder, limits, extra_ro=extra_ro)
-    executed, status, outcomes = _parse(outcome.results, limits)
-    if outcome.exceeded:
-        status = {"ended": "killed", "error": "; ".join(outcome.exceeded)}
-    return executed, status, outcomes, outcome.exceeded
+            plan[grade_id(cell)] = check_keys(cell)
+            cell.source = without_hidden(cell)
+    cell_seconds = float(settings.get("timeout") or 120)
+    probe_plan = {"cells": plan, "probe_seconds": cell_seconds, "cell_seconds": cell_seconds, "isolate": not gpu}
 
+    def stage(module, source, files, hide=()):
+        with tempfile.TemporaryDirectory(prefix="bngrade-in-") as tmp:
+            folder = _input_folder(tmp, source, name, files)
+            if use_sandbox:
+                return sandbox.run(folder, limits, gpu=gpu, extra_ro=extra_ro, module=module, hide=hide)
+            return sandbox.run_unsandboxed(folder, limits, extra_ro=extra_ro, module=module)
 
-def _load_scripts(folder):
-    scripts = {}
-    for path in sorted(Path(folder).glob("*.json")):
-        scripts[path.stem] = codec.loads(path.read_text(), path.with_suffix(".npz").read_bytes(),
-                                         max_array_bytes=1 << 40)
-    return scripts
+    with ThreadPoolExecutor(2) as pool:
+        ran = pool.submit(stage, "bncapture.notebook", notebook, {"settings.json": {"name": name,
+                                                                                    "execute": settings}})
+        probed = pool.submit(stage, "bncapture.answers", nb, {"plan.json": probe_plan},
+                             unavailable_paths(assignment))
+        ran, probed = ran.result(), probed.result()
+    executed, status = parse_notebook(ran.results, limits)
+    probe_status, records = parse_probes(probed.results, limits)
+    exceeded = list(dict.fromkeys(ran.exceeded + probed.exceeded))
+    if ran.exceeded:
+        status = {"ended": "killed", "error": "; ".join(ran.exceeded), "cells": {}}
+    if probed.exceeded:
+        probe_status = {"ended": "killed", "error": "; ".join(probed.exceeded), "cells": {}}
+    return executed, status, probe_status, records, exceeded
 
 
 class SandboxedExecute(Execute):
@@ -161,21 +205,16 @@ class SandboxedExecute(Execute):
 
     def preprocess(self, nb, resources):
         work = work_dir()
-        scripts = _load_scripts(work / "scripts")
         settings = {"timeout": self.timeout, "interrupt_on_timeout": self.interrupt_on_timeout,
                     "error_on_timeout": self.error_on_timeout, "extra_arguments": list(self.extra_arguments)}
         name = Path(resources.get("metadata", {}).get("name", "notebook")).name + ".ipynb"
+        assignment = resources.get("nbgrader", {}).get("assignment", "")
         options = {"limits": limits_from_env(), "gpu": os.environ.get("BNGRADE_GPU") == "1",
                    "extra_ro": [p for p in os.environ.get("BNGRADE_SANDBOX_PYTHONPATH", "").split(os.pathsep) if p],
                    "use_sandbox": os.environ.get("BNGRADE_NO_SANDBOX") != "1"}
-        trusted = nbformat.from_dict(json.loads(json.dumps(nb)))
-
-        def run(cell_scripts):
-            return execute(trusted, name, cell_scripts, settings, **options)
-
-        executed, status, outcomes, exceeded = run(scripts)
+        executed, status, probe_status, records, _ = execute(nb, name, assignment, settings, **options)
         ran = _merge_outputs(nb, executed)
-        resources["bngrade"] = {"scripts": scripts, "status": status, "outcomes": outcomes, "run": run, "ran": ran,
+        resources["bngrade"] = {"status": status, "probe_status": probe_status, "records": records, "ran": ran,
                                 "sandboxed": options["use_sandbox"], "work": work}
         return nb, resources
 
@@ -201,67 +240,68 @@ def _merge_outputs(nb, executed):
     return ran
 
 
-def _missing_reason(cell, status):
-    errors = [o for o in cell.outputs if o.output_type == "error"]
-    if errors:
-        return f"the cell stopped with {errors[0].ename}"
-    if status.get("ended") != "ok":
-        return status.get("error") or "the notebook did not finish"
-    return "the notebook did not reach this test"
-
-
 def _error(message):
     return new_output("error", ename="AssertionError", evalue=message, traceback=[f"AssertionError: {message}"])
 
 
+@contextmanager
+def memory_limit(extra):
+    """Cap this process's address space at its current size plus ``extra`` bytes while judging: an outsized
+    result is refused unread, and what is read cannot grow the grader's memory past this."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as fh:
+        size = int(fh.read().split()[0]) * resource.getpagesize()
+    cap = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _probe_problem(status):
+    if status.get("ended") == "ok":
+        return None
+    return status.get("error") or "the run of your answer cells for grading did not finish"
+
+
 class Judge(NbGraderPreprocessor):
-    """Decide every test cell outside the sandbox, from the captured outcomes and the grader's own inputs."""
+    """Decide every test cell outside the sandbox, from the probes' records and the grader's own inputs."""
 
     def preprocess(self, nb, resources):
         info = resources["bngrade"]
         student = resources.get("nbgrader", {}).get("student", "student")
-        answers = {grade_id(c): c.source for c in nb.cells
-                   if c.metadata.get("nbgrader", {}).get("solution") and c.cell_type == "code"}
         assignment = resources.get("nbgrader", {}).get("assignment", "")
-        banned, flags = scan(assignment, answers)
-        info = dict(info, sources=defined_sources(answers))
+        students = {grade_id(c) or f"cell {i}": c.source for i, c in enumerate(nb.cells) if is_students(c)}
+        banned, flags = scan(assignment, students)
+        sources = defined_sources({grade_id(c): c.source for c in nb.cells if is_answer_cell(c)})
         problems = []
         status = info["status"]
         if status.get("ended") != "ok":
             problems.append(_status_problem(status))
+        stopped = _probe_problem(info["probe_status"])
+        if stopped and stopped not in problems:
+            problems.append(stopped if info["probe_status"].get("ended") == "killed"
+                            else f"the grader's run of your answer cells failed ({stopped[:200]})")
         problems += [p for p in _limit_problems(nb, limits_from_env()) if p not in " ".join(problems)]
-        pending = {}
-        for cell in nb.cells:
-            if not is_test_cell(cell):
-                continue
-            code, cell_id = hidden_code(cell), grade_id(cell)
-            if not code:  # nothing to judge it by but the sandbox's own word: not trusted
-                self._record(cell, "this test has no hidden check to judge it by; ask your instructor", False, flags)
-                continue
-            visible_ok = cell_id in info["ran"] and not any(o.output_type == "error" for o in cell.outputs)
-            verdict, diverged = self._verdict(cell, code, cell_id, info, banned, flags)
-            if diverged is not None:
-                pending[cell_id] = (cell, code, visible_ok, diverged)
-                continue
-            self._record(cell, verdict, visible_ok, flags)
-        for _ in range(EXTRA_ROUNDS):
-            if not pending:
-                break
-            scripts = dict(info["scripts"])
-            scripts.update({cid: ({"ops": d.ops}, d.arrays) for cid, (_, _, _, d) in pending.items()})
-            _, status2, outcomes2, _ = info["run"](scripts)
-            info = dict(info, scripts=scripts, outcomes={**info["outcomes"], **outcomes2}, status=status2)
-            still = {}
-            for cid, (cell, code, visible_ok, _) in pending.items():
-                verdict, diverged = self._verdict(cell, code, cid, info, banned, flags)
-                if diverged is not None:
-                    still[cid] = (cell, code, visible_ok, diverged)
-                else:
-                    self._record(cell, verdict, visible_ok, flags)
-            pending = still
-        for cid, (cell, code, visible_ok, diverged) in pending.items():
-            self._record(cell, f"{', '.join(student_names(code))} does not match the reference on the hidden tests",
-                         visible_ok, flags)
+        notes = "; ".join(f"cell {cell!r} stopped at {what}" for cell, what in info["probe_status"]["cells"].items()
+                          if cell in {grade_id(c) for c in nb.cells if is_answer_cell(c)})
+        with memory_limit(JUDGE_MEMORY):
+            for cell in nb.cells:
+                if not is_test_cell(cell):
+                    continue
+                keys, cell_id = check_keys(cell), grade_id(cell)
+                if not keys:  # nothing to judge it by but the sandbox's own word: not trusted
+                    self._record(cell, "this test has no hidden check to judge it by; ask your instructor", False,
+                                 flags)
+                    continue
+                visible_ok = cell_id in info["ran"] and not any(o.output_type == "error" for o in cell.outputs)
+                verdict = self._verdict(keys, info["records"].get(cell_id), banned, sources, stopped, cell_id, flags)
+                if verdict is not None and notes:
+                    verdict += f" (when your answer cells were run for grading, {notes[:600]})"
+                if verdict is None and cell_id not in info["ran"]:  # its visible tests never ran: no pass
+                    verdict = f"your notebook did not reach this test ({_missing(status)})"
+                self._record(cell, verdict, visible_ok, flags)
         if not info["sandboxed"]:
             problems.append("graded WITHOUT a sandbox (--no-sandbox): the student's code ran with the grader's rights")
             flags.append(("*", "graded without a sandbox"))
@@ -280,46 +320,30 @@ class Judge(NbGraderPreprocessor):
             flags.append((grade_id(cell), "discrepancy: the notebook's own tests passed, the hidden verdict failed"))
 
     @staticmethod
-    def _verdict(cell, code, cell_id, info, banned, flags):
-        """(message or None when the cell passes, Diverged or None)."""
-        names = student_names(code)
-        for name in names:
-            if name in banned:
-                return banned[name], None
-        if cell_id not in info["scripts"]:
-            return "this test was not prepared by the grader (no script); ask your instructor", None
-        outcome = info["outcomes"].get(cell_id)
-        if isinstance(outcome, str):
-            flags.append((cell_id, f"malformed results: {outcome}"))
-            return f"no usable results came back from your notebook for this test: {outcome}", None
-        if outcome is None:
-            session = Session(script=info["scripts"][cell_id], outcomes=None,
-                              missing=_missing_reason(cell, info["status"]))
-        else:
-            tree, arrays = outcome
-            outcomes = tree.get("outcomes") if isinstance(tree, dict) else None
-            if not isinstance(outcomes, list):
-                flags.append((cell_id, "malformed results: no outcome list"))
-                return "no usable results came back from your notebook for this test", None
-            session = Session(script=info["scripts"][cell_id], outcomes=(outcomes, arrays),
-                              missing=_missing_reason(cell, info["status"]))
-        session.sources = info["sources"]
-        try:
-            run_hidden(code, session)
-        except AssertionError as err:
-            return str(err) or "a hidden test failed", None
-        except Diverged as err:
-            return None, err
-        except NoResult as err:
-            return f"no results came back from your notebook for this test: {err}", None
-        except (Unjudgeable, codec.Malformed) as err:
-            flags.append((cell_id, f"could not be judged: {type(err).__name__}: {str(err)[:200]}"))
-            return f"the grader could not judge this test from your notebook's results ({type(err).__name__})", None
-        except NotImplementedError:
-            return f"{', '.join(student_names(code))}: not implemented yet", None
-        except Exception as err:  # the student's own error, passed on by a check
-            return f"{type(err).__name__}: {str(err)[:2000]}", None
-        return None, None
+    def _verdict(keys, records, banned, sources, stopped, cell_id, flags):
+        """The message of the first check of a cell that fails, or None when they all pass."""
+        for key in keys:
+            for name in names_of(key):
+                if name in banned:
+                    return banned[name]
+        if isinstance(records, str):
+            flags.append((cell_id, f"malformed results: {records}"))
+            return f"no usable results came back from your notebook for this test: {records}"
+        if records is None:
+            return f"no results came back for this test: {stopped or 'the grader could not run your answer cells'}"
+        tree, arrays = records
+        for key in keys:
+            try:
+                judge(key, tree.get(key) if isinstance(tree, dict) else None, arrays, f"{key}/", sources)
+            except AssertionError as err:
+                return str(err)[:3000] or "a hidden test failed"
+            except MemoryError:
+                flags.append((cell_id, "its results needed more memory than the judge allows"))
+                return "the grader could not judge this test: your results were too large"
+            except codec.Malformed as err:
+                flags.append((cell_id, f"malformed results: {str(err)[:200]}"))
+                return f"no usable results came back from your notebook for this test ({str(err)[:200]})"
+        return None
 
 
 def _limit_problems(nb, limits):
@@ -338,6 +362,12 @@ def _limit_problems(nb, limits):
             elif "Resource temporarily unavailable" in text and "fork" in text.lower():
                 found.append(f"started more than {limits.processes} processes")
     return list(dict.fromkeys(found))
+
+
+def _missing(status):
+    if status.get("ended") != "ok":
+        return status.get("error", "")[:200] or "the notebook did not finish"
+    return "it was not run"
 
 
 def _status_problem(status):

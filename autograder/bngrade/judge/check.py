@@ -10,7 +10,8 @@ A test cell's hidden block is one line per check, ``check("ch02.batchnorm_forwar
 """
 import ast
 import importlib
-import json
+import inspect
+import textwrap
 import types
 
 from bncapture import codec, probe
@@ -22,6 +23,20 @@ def verdict_of(key):
     """The verdict function of ``key`` (``"chNN.name"``)."""
     module, name = key.split(".", 1)
     return getattr(importlib.import_module(f"bngrade.verdicts.{module}"), name)
+
+
+def names_of(key):
+    """The student's globals that the probe of ``key`` reads, from the grader's own copy of its source (never
+    from what a sandbox says it read): the constant arguments of its ``p.student(...)`` calls."""
+    module, name = key.split(".", 1)
+    public = importlib.import_module(f"bncapture.{module}")
+    variables = getattr(public, "VARIABLES", None)
+    if isinstance(variables, dict) and name in variables:  # the questions: one answer variable each
+        return [variables[name]]
+    tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(public, name))))
+    return list(dict.fromkeys(node.args[0].value for node in ast.walk(tree)
+                              if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "student"
+                              and node.args and isinstance(node.args[0], ast.Constant)))
 
 
 def keys_of(code):

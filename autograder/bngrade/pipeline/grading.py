@@ -1,8 +1,7 @@
 """Grade a class with nbgrader, one student at a time, and report what went wrong for whom.
 
-Before the class, each test cell's script is recorded from the instructor's solution
-(:mod:`bngrade.judge.record`). Each student's ``nbgrader autograde`` then runs the notebook in its own
-sandbox (:mod:`bngrade.judge.autograde`, :mod:`bngrade.sandbox`) and judges it outside, so an infinite loop,
+Each student's ``nbgrader autograde`` runs the notebook and the probes once each, in their own
+sandboxes (:mod:`bngrade.judge.autograde`, :mod:`bngrade.sandbox`), and judges them outside, so an infinite loop,
 a crashed or hung kernel, a limit gone past or a broken notebook costs that student only: it is
 reported by name and the rest of the class is graded. Flags for the instructor's review go to
 ``flags.csv`` next to ``grades.csv``.
@@ -10,9 +9,6 @@ reported by name and the rest of the class is graded. Flags for the instructor's
 import csv
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,7 +23,7 @@ from bngrade.pipeline.intake import STUDENT_ID, Problem, collect
 
 # Per-cell limits are nbgrader's (Execute.timeout); this caps a whole notebook in its sandbox.
 NOTEBOOK_WALL_SECONDS = 600
-# The judge may run a notebook's sandbox again (at most twice) when a check goes down a path not prepared.
+# On top of the sandbox's wall clock: nbgrader's own steps and the judge, for one student.
 JUDGE_SECONDS = 120
 # Parallel jobs share the SQLite gradebook; a job that finds it locked retries.
 LOCK_RETRIES = 3
@@ -93,26 +89,13 @@ def default_limits(assignment):
 
 
 def run_env(course, assignment, limits, sandboxed=True):
-    """Environment of one grading run's nbgrader processes: where the scripts are, the limits, the GPU."""
+    """Environment of one grading run's nbgrader processes: where the reports go, the limits, the GPU."""
     env = {"BNGRADE_WORK": str(course.path(".bngrade", assignment)),
            "BNGRADE_LIMITS": json.dumps(asdict(limits)),
            "BNGRADE_GPU": "1" if assignment in GPU_ASSIGNMENTS else "0"}
     if not sandboxed:
         env["BNGRADE_NO_SANDBOX"] = "1"
     return env
-
-
-def record_scripts(course, assignment):
-    """Record every test cell's script from the solution (outside any sandbox; the instructor's code)."""
-    work = course.path(".bngrade", assignment)
-    shutil.rmtree(work, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "bngrade.judge.record", assignment, str(work / "scripts")],
-                          capture_output=True, text=True, cwd=course.root,
-                          env=dict(os.environ, BNREF_PROGRESS="0", PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise Problem(f"could not prepare the hidden tests of {assignment} from the solution:\n"
-                      f"{(proc.stderr or proc.stdout)[-3000:]}")
-    return work
 
 
 def read_report(course, assignment, student):
@@ -134,7 +117,7 @@ def autograde_student(course, assignment, student, cell_timeout=None, limits=Non
     """
     limits = limits or default_limits(assignment)
     env = env or run_env(course, assignment, limits)
-    wall_seconds = limits.wall * 3 + JUDGE_SECONDS
+    wall_seconds = limits.wall + JUDGE_SECONDS
     extra = [f"--Execute.timeout={cell_timeout}"] if cell_timeout else []
     report = course.path(".bngrade", assignment, "reports", f"{student}.json")
     report.unlink(missing_ok=True)
@@ -209,7 +192,7 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
                           "rights; grade on Linux with user namespaces, or pass --no-sandbox to accept that risk")
     limits = limits or default_limits(assignment)
     students, intake_problems = collect(submissions, assignment, course)
-    record_scripts(course, assignment)
+    course.path(".bngrade", assignment, "reports").mkdir(parents=True, exist_ok=True)
     report = {who: [msg] for who, msg in intake_problems.items()}
     env = run_env(course, assignment, limits, sandboxed)
     with ThreadPoolExecutor(max(1, jobs)) as pool:
