@@ -1,10 +1,13 @@
 """Grading the GPU assignment without a GPU: its notebooks' ``import cupy`` gets the CPU emulator instead."""
 import os
 import shutil
+import sys
 import tempfile
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bnref.cuda import emulator
@@ -12,6 +15,8 @@ from bngrade.pipeline import device
 
 SHIM = Path(__file__).parent / "emulated_cupy"
 NO_WAY = "no CUDA GPU, and no host C++ compiler for the CPU emulator: the GPU assignment cannot run here"
+#: marks a test that builds CUDA C on the emulator (it needs the host C++ compiler)
+needs_cxx = pytest.mark.skipif(emulator.compiler() is None, reason="no host C++ compiler: CUDA emulator not built")
 
 
 def can_run(assignment):
@@ -35,6 +40,40 @@ def gpu_for(assignment):
         patch.setenv("BNGRADE_SANDBOX_PYTHONPATH", str(_shim(Path(tmp))))
         patch.setattr(device, "gpu_available", lambda: True)
         yield
+
+
+def cupy_module(order="forward"):
+    """A module named ``cupy`` backed by ``CupyOnCpu(order)``, as ``tests/emulated_cupy`` is: what an in-process run
+    on the emulator puts in ``sys.modules`` (a probe's ``import cupy``) and in a notebook's namespace (its ``cp``)."""
+    module = types.ModuleType("cupy")
+    backend = emulator.CupyOnCpu(order=order)
+    module.is_available = lambda: True
+    module.__getattr__ = lambda name: getattr(backend, name)
+    return module
+
+
+@contextmanager
+def emulated_cupy(order="forward"):
+    """Within the block, ``import cupy`` gives a fresh :func:`cupy_module` (``order``), which is yielded."""
+    module = cupy_module(order)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "cupy", module)
+        yield module
+
+
+def notebook(cells, cp, replace=None):
+    """The namespace of answer cells ({grade_id: source}) run in order with ``np`` and ``cp`` (a cupy module).
+
+    Args:
+        replace: {grade_id: [(old, new), ...]} edits of the sources first; each ``old`` must occur exactly once.
+    """
+    namespace = {"np": np, "cp": cp}
+    for grade_id, source in cells.items():
+        for old, new in (replace or {}).get(grade_id, []):
+            assert source.count(old) == 1, f"cell {grade_id} no longer contains {old!r} exactly once"
+            source = source.replace(old, new)
+        exec(compile(source, f"<cell {grade_id}>", "exec"), namespace)
+    return namespace
 
 
 def _shim(folder):

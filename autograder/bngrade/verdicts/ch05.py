@@ -1,20 +1,33 @@
-"""Hidden tests of chapter 5, *CuPy GPU kernels* (a GPU assignment: see :mod:`bngrade.pipeline.device`).
+"""Verdicts of chapter 5, *CuPy GPU kernels* (probes: :mod:`bncapture.ch05`; a GPU assignment: see
+:mod:`bngrade.pipeline.device`).
 
-Each check takes the student's function and an array module ``xp`` (CuPy by
-default). Test data are made with NumPy, moved to ``xp``, and the results
-moved back and compared with float64 references of the same float32 data.
-On a CPU the checks run with ``xp=numpy`` and NumPy stand-ins for the
-student code, which is how their logic is tested without a GPU.
+The probes run the student's functions on CuPy copies of the inputs and record host copies of the results.
+Every verdict here works on NumPy alone: it rebuilds the float32 inputs from the public builders, computes
+float64 references and the known mistakes on them, and compares. The kernels the exercises practise
+(``ReductionKernel``, ``RawKernel``, ``ElementwiseKernel``) must be built in the answer cell that defines the
+graded function (:func:`bngrade.judge.compare.require_construct`).
 """
 import numpy as np
 
 import bnref
+from bncapture import ch05 as probes
 
-from bngrade.judge.compare import Case, Mistake, check_not_reference, close, compare, require_construct, tolerance
-from bngrade.pipeline.device import default_xp, on_device, to_numpy
+from bngrade.judge.compare import (Mistake, close, compare, describe_mismatch, name_mistake, require_construct,
+                                   tolerance)
 
-# float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
-STATS_SHAPES = [(2, 3, 5, 7), (3, 4, 17, 19), (64, 3, 1, 1), (5, 6, 33, 31), (1, 2, 300, 1)]
+#: what builds a raw CUDA kernel: ``cupy.RawKernel``, or a ``cupy.RawModule`` and its ``get_function``
+RAW_KERNEL = ("RawKernel", "RawModule")
+
+
+def require_kernel(r, fn_name, classes, why):
+    """:func:`require_construct` for any one of ``classes`` (its message names the first)."""
+    failures = []
+    for cls in classes:
+        try:
+            return require_construct(r, fn_name, cls, why)
+        except AssertionError as exc:
+            failures.append(exc)
+    raise failures[0]
 
 
 # --- 1. Chan's merge ---------------------------------------------------------------------------
@@ -28,28 +41,6 @@ def reference_chan_merge(a, b):
     mean = ma + d * w
     m2 = qa + qb + d * d * na * w
     return n, mean.astype(ma.dtype), m2.astype(ma.dtype)
-
-
-def _moments(v):
-    return np.full(v.shape[1:], v.shape[0], dtype=np.int64), v.mean(0), ((v - v.mean(0)) ** 2).sum(0)
-
-
-def _merge_cases(seed=51):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for (na, nb), shape, loc in [((5, 9), (4,), 0.0), ((1, 30), (3, 2), 3.0), ((40, 2), (6,), -20.0),
-                                     ((0, 7), (5,), 1.0), ((7, 0), (5,), 1.0), ((0, 0), (3,), 0.0)]:
-            va = loc + rng.normal(0, 2, (na, *shape)) if na else np.zeros((0, *shape))
-            vb = loc + 4 + rng.normal(0, 1, (nb, *shape)) if nb else np.zeros((0, *shape))
-            a = tuple(np.asarray(t) for t in _moments(va)) if na else (
-                np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape))
-            b = tuple(np.asarray(t) for t in _moments(vb)) if nb else (
-                np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape))
-            a = (a[0], a[1].astype(dtype), a[2].astype(dtype))
-            b = (b[0], b[1].astype(dtype), b[2].astype(dtype))
-            cases.append(Case((a, b), f"counts ({na}, {nb}), shape {shape}, {np.dtype(dtype).name}"))
-    return cases
 
 
 def _merge_mistake(mean_fn, m2_fn):
@@ -76,28 +67,61 @@ MERGE_MISTAKES = [
 ]
 
 
-def check_chan_merge(student, xp=None):
-    """Hidden test of ``chan_merge(a, b) -> (count, mean, m2)`` on NumPy and on ``xp`` arrays."""
-    check_not_reference(student, "chan_merge")
-    xp = xp or default_xp()
-    cases = _merge_cases()
-    for case in cases:
-        if case.args[0][0].sum() + case.args[1][0].sum() == 0:
-            got = on_device(student, xp)(*case.args)
-            if any(np.isnan(np.asarray(g, dtype=np.float64)).any() for g in got):
-                raise AssertionError("chan_merge returns nan when both counts are 0; two empty partial results "
-                                     "must merge into an empty one (count 0, mean 0, M2 0), without dividing by 0")
-    for dtype in (np.float64, np.float32):   # the cases hold tuples, so name the tolerance of their dtype
-        subset = [c for c in cases if c.args[0][1].dtype == dtype]
-        compare(on_device(student, xp), reference_chan_merge, subset, "chan_merge", MERGE_MISTAKES,
-                tol=tolerance(dtype))
-    got = on_device(student, xp)(*cases[-4].args)   # float32 means in, float32 out
-    if np.asarray(got[1]).dtype != np.float32:
-        raise AssertionError(f"chan_merge returns means of dtype {np.asarray(got[1]).dtype} for float32 input; "
-                             "keep the dtype of the means (cast the count ratio)")
+def _merged(r, key, expected, label):
+    """The (count, mean, m2) recorded at ``key``, shaped like ``expected``; a count of a float dtype is taken too."""
+    try:
+        return r.get(key, expected, "chan_merge", label)
+    except AssertionError as first:
+        n, mean, m2 = expected
+        try:
+            return r.get(key, (n.astype(np.float64), mean, m2), "chan_merge", label)
+        except AssertionError:
+            raise first from None
 
 
-# --- 2. the per-channel statistics kernel ---------------------------------------------------------
+def _merge_cases(where):
+    """{dtype: cases} of the merges recorded on ``where`` ("host" or "device"), labelled with it."""
+    words = "" if where == "host" else ", CuPy arrays"
+    return {np.dtype(dtype): [case._replace(label=case.label + words) for case in probes.merge_cases(dtype)]
+            for dtype in probes.MERGE_DTYPES}
+
+
+def _check_merges(r, where):
+    """The merges recorded on ``where``: no nan for two empty sides, the reference, the means' dtype kept."""
+    groups = _merge_cases(where)
+    for dtype, cases in groups.items():
+        for index, case in enumerate(cases):
+            if case.args[0][0].sum() + case.args[1][0].sum() == 0:
+                got = _merged(r, f"{where} {dtype.name} {index}", reference_chan_merge(*case.args), case.label)
+                if any(np.isnan(np.asarray(g, dtype=np.float64)).any() for g in got):
+                    raise AssertionError("chan_merge returns nan when both counts are 0; two empty partial results "
+                                         "must merge into an empty one (count 0, mean 0, M2 0), without dividing "
+                                         "by 0")
+    for dtype, cases in groups.items():   # the cases hold tuples, so name the tolerance of their dtype
+        tol = tolerance(dtype)
+        for index, case in enumerate(cases):
+            expected = reference_chan_merge(*case.args)
+            got = _merged(r, f"{where} {dtype.name} {index}", expected, case.label)
+            if close(got, expected, tol=tol):
+                continue
+            name_mistake(got, case, MERGE_MISTAKES, "chan_merge", dtype, tol)
+            raise AssertionError(f"chan_merge does not match the reference for input {case.label}: "
+                                 f"{describe_mismatch(got, expected)}")
+    case = groups[np.dtype(np.float32)][0]   # float32 means in, float32 out
+    _, mean, m2 = _merged(r, f"{where} float32 0", reference_chan_merge(*case.args), case.label)
+    for what, value in (("means", mean), ("m2", m2)):
+        if value.dtype != np.float32:
+            raise AssertionError(f"chan_merge returns {what} of dtype {value.dtype} for float32 input; keep the dtype "
+                                 "of the means (cast the count ratio)")
+
+
+def chan_merge(r):
+    """``chan_merge(a, b) -> (count, mean, m2)`` on NumPy arrays, then on CuPy arrays."""
+    for where in ("host", "device"):
+        _check_merges(r, where)
+
+
+# --- 2. the per-channel statistics ----------------------------------------------------------------
 
 def reference_channel_stats(x):
     """Per-channel mean and biased variance of an (N, C, ...) array, in float64."""
@@ -106,33 +130,9 @@ def reference_channel_stats(x):
     return x64.mean(axes), x64.var(axes)
 
 
-def _stats_cases(seed=52, loc=0.0, scale=None, shapes=STATS_SHAPES):
-    """float32 inputs (N, C, ...) with a mean and a spread per channel (or one spread ``scale``, means near ``loc``)."""
-    rng = np.random.default_rng(seed)
-    cases = []
-    for shape in shapes:
-        C = shape[1]
-        per_channel = (1, -1) + (1,) * (len(shape) - 2)
-        means = loc + rng.normal(0.0, 3.0, C) if not loc else loc * (1 + 0.01 * rng.standard_normal(C))
-        scales = scale if scale is not None else rng.uniform(0.5, 3.0, C)
-        x = np.reshape(means, per_channel) + np.reshape(scales, per_channel) * rng.standard_normal(shape)
-        cases.append(Case((x.astype(np.float32),), f"x {shape} float32" + (f", |mean|/std ~ {loc:g}" if loc else "")))
-    return cases
-
-
-STATS_MISTAKES = [
-    Mistake("your variance divides by the count minus 1 (N*H*W - 1); the batch statistics use the biased variance "
-            "(divide by the count)",
-            lambda x: (reference_channel_stats(x)[0], reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1))),
-    Mistake("the statistics are taken over every value of the tensor, not per channel over (N, H, W) "
-            "(per feature, over N, for an (N, D) input)",
-            lambda x: (np.full(x.shape[1], x.astype(np.float64).mean()), np.full(x.shape[1], x.astype(np.float64).var()))),
-    Mistake("the statistics run over only the first sample (n = 0) of each channel; loop over the batch too",
-            lambda x: reference_channel_stats(x[:1])),
-    Mistake("only the first 256 positions of each (sample, channel) row are used: the loop over positions must "
-            "go on, s = tid, tid + blockDim.x, ..., while s < H*W",
-            lambda x: _first_positions(x, 256)),
-]
+def _count(x):
+    """Values per channel of an (N, C, ...) array."""
+    return x.size // x.shape[1]
 
 
 def _first_positions(x, threads):
@@ -143,43 +143,34 @@ def _first_positions(x, threads):
     return reference_channel_stats(flat[:, :, :threads])
 
 
-def _count(x):
-    return x.size // x.shape[1]
+STATS_MISTAKES = [
+    Mistake("your variance divides by the count minus 1 (N*H*W - 1); the batch statistics use the biased variance "
+            "(divide by the count)",
+            lambda x: (reference_channel_stats(x)[0], reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1))),
+    Mistake("the statistics are taken over every value of the tensor, not per channel over (N, H, W) "
+            "(per feature, over N, for an (N, D) input)",
+            lambda x: (np.full(x.shape[1], x.astype(np.float64).mean()),
+                       np.full(x.shape[1], x.astype(np.float64).var()))),
+    Mistake("the statistics run over only the first sample (n = 0) of each channel; loop over the batch too",
+            lambda x: reference_channel_stats(x[:1])),
+    Mistake("only the first 256 positions of each (sample, channel) row are used: the loop over positions must "
+            "go on, s = tid, tid + blockDim.x, ..., while s < H*W",
+            lambda x: _first_positions(x, 256)),
+]
 
 
-def check_channel_stats(student, xp=None):
-    """Hidden test of ``channel_stats(x) -> (mean, var)`` on (N, C, H, W) float32 input."""
-    check_not_reference(student, "channel_stats")
-    xp = xp or default_xp()
-    compare(on_device(student, xp), reference_channel_stats, _stats_cases(), "channel_stats", STATS_MISTAKES)
+def large_offset(r, name, cases, read):
+    """The records ``offset<i>`` of ``cases`` (means near 1e3, std 1) must hold; a variance that is right on the
+    centred copy (``centred<i>``, the same data shifted to a mean near 0) is named as the one-pass cancellation.
 
-
-def check_channel_stats_large_offset(student, xp=None):
-    """Hidden test: the variance stays accurate in float32 when |mean| / std = 1e3.
-
-    A one-pass E[x^2] - E[x]^2 is off by about 10 % there; the check names it
-    by its symptom: the variance changes when the same data are shifted by a constant.
+    Args:
+        read: ``read(key, case) -> (mean, var)`` of the record ``key`` of the call on ``case``.
     """
-    check_not_reference(student, "channel_stats")
-    xp = xp or default_xp()
-    _check_large_offset(on_device(student, xp), "channel_stats", _stats_cases(seed=53, loc=1e3, scale=1.0))
-
-
-def _check_large_offset(run, name, cases):
-    """``run(x) -> (mean, var)`` must hold on ``cases`` (means near 1e3, std 1); a variance that is right once the
-    data are shifted to a mean near 0 is named as the one-pass cancellation."""
-    for case in cases:
-        (x,) = case.args
-        expected = reference_channel_stats(x)
-        try:
-            got = run(x)
-        except Exception as exc:
-            raise AssertionError(f"{name} raised {type(exc).__name__}: {exc} (input: {case.label})") from None
-        if close(got, expected, np.float32):
+    for index, case in enumerate(cases):
+        if close(read(f"offset{index}", case), reference_channel_stats(case.args[0]), np.float32):
             continue
-        centred = (x.astype(np.float64) - 1e3).astype(np.float32)   # the same spread, mean near 0
-        shifted = run(centred)
-        if close(shifted[1], reference_channel_stats(centred)[1], np.float32):
+        shifted = probes.centred(case)
+        if close(read(f"centred{index}", shifted)[1], reference_channel_stats(shifted.args[0])[1], np.float32):
             raise AssertionError(
                 f"{name}: the variance is right for data near 0 but wrong for the same data shifted to a mean "
                 f"of 1e3 ({case.label}). That is the cancellation of the one-pass E[x^2] - E[x]^2 in float32; use "
@@ -187,38 +178,41 @@ def _check_large_offset(run, name, cases):
         raise AssertionError(f"{name} does not match the reference for input {case.label}")
 
 
-# --- 2b. two-pass statistics with ReductionKernels ------------------------------------------------
+def _moments_read(r, name):
+    """``read`` of :func:`large_offset` for a function that returns (mean, var)."""
+    return lambda key, case: r.get(key, reference_channel_stats(case.args[0]), name, case.label)
 
-MOMENT_SHAPES = [(64, 5), (7, 300), (2, 3), (2, 3, 5, 7), (5, 6, 33, 31)]
+
+def channel_stats(r):
+    """``channel_stats(x) -> (mean, var)`` on (N, C, H, W) float32 input, by a RawKernel."""
+    compare(r, "case", reference_channel_stats, probes.stats_cases(), "channel_stats", STATS_MISTAKES)
+    require_kernel(r, "channel_stats", RAW_KERNEL, "compute the statistics with your own cupy.RawKernel (that is "
+                   "what this exercise practises)")
 
 
-def check_reduction_moments(student, xp=None):
-    """Hidden test of ``reduction_moments(x) -> (mean, var)``: per feature of (N, D), per channel of (N, C, H, W),
-    float32, computed with ``cupy.ReductionKernel``; accurate when |mean| / std = 1e3."""
-    check_not_reference(student, "reduction_moments")
-    xp = xp or default_xp()
-    run = on_device(student, xp)
-    compare(run, reference_channel_stats, _stats_cases(seed=55, shapes=MOMENT_SHAPES), "reduction_moments",
-            STATS_MISTAKES[:2])
-    require_construct(student, "ReductionKernel", "reduction_moments",
+def channel_stats_large_offset(r):
+    """The variance stays accurate in float32 when |mean| / std = 1e3.
+
+    A one-pass E[x^2] - E[x]^2 is off by about 10 % there; the check names it by its symptom: the variance is
+    right once the same data are shifted to a mean near 0.
+    """
+    large_offset(r, "channel_stats", probes.offset_cases(53), _moments_read(r, "channel_stats"))
+    require_kernel(r, "channel_stats", RAW_KERNEL, "compute the statistics with your own cupy.RawKernel (that is "
+                   "what this exercise practises)")
+
+
+def reduction_moments(r):
+    """``reduction_moments(x) -> (mean, var)``: per feature of (N, D), per channel of (N, C, H, W), float32,
+    computed with ``cupy.ReductionKernel``; accurate when |mean| / std = 1e3."""
+    compare(r, "case", reference_channel_stats, probes.stats_cases(seed=55, shapes=probes.MOMENT_SHAPES),
+            "reduction_moments", STATS_MISTAKES[:2])
+    require_construct(r, "reduction_moments", "ReductionKernel",
                       "compute the sums with your own cupy.ReductionKernel (that is what this exercise practises)")
-    _check_large_offset(run, "reduction_moments", _stats_cases(seed=56, loc=1e3, scale=1.0, shapes=MOMENT_SHAPES))
+    large_offset(r, "reduction_moments", probes.offset_cases(56, probes.MOMENT_SHAPES),
+                 _moments_read(r, "reduction_moments"))
 
 
 # --- 3. the forward pass ----------------------------------------------------------------------
-
-def _forward_cases(seed=54):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for shape, eps in zip(STATS_SHAPES, (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
-        C = shape[1]
-        x = (rng.normal(0, 3, C)[None, :, None, None] + rng.uniform(0.5, 3, C)[None, :, None, None]
-             * rng.standard_normal(shape)).astype(np.float32)
-        gamma = rng.uniform(0.5, 2.0, C).astype(np.float32)
-        beta = rng.normal(0.0, 1.0, C).astype(np.float32)
-        cases.append(Case((x, gamma, beta, eps), f"x {shape} float32, eps={eps}"))
-    return cases
-
 
 def reference_forward(x, gamma, beta, eps=1e-5):
     """Training-mode spatial batch norm in float64."""
@@ -233,19 +227,6 @@ def _norm(x, g, b, mean, var, eps, eps_outside=False):
     return g.reshape(shape) * (x - mean.reshape(shape)) / std.reshape(shape) + b.reshape(shape)
 
 
-FORWARD_MISTAKES = [
-    Mistake("gamma and beta are swapped: y = x * a + b with a = gamma / sqrt(var + eps), b = beta - mean * a",
-            lambda x, g, b, eps: _norm(x, b, g, *reference_channel_stats(x), eps)),
-    Mistake("eps is added outside the square root; use a = gamma / sqrt(var + eps)",
-            lambda x, g, b, eps: _norm(x, g, b, *reference_channel_stats(x), eps, eps_outside=True)),
-    Mistake("the output uses the unbiased variance; the batch is normalized with the biased one",
-            lambda x, g, b, eps: _norm(x, g, b, reference_channel_stats(x)[0],
-                                       reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1), eps)),
-    Mistake("the channel of element i is computed wrongly: in an (N, C, H, W) array it is (i // (H*W)) % C",
-            lambda x, g, b, eps: _wrong_channel(x, g, b, eps)),
-]
-
-
 def _wrong_channel(x, g, b, eps):
     """The usual indexing slip: channel = i % C, as if the array were channels-last."""
     mean, var = reference_channel_stats(x)
@@ -256,84 +237,74 @@ def _wrong_channel(x, g, b, eps):
     return (x.reshape(-1).astype(np.float64) * a[c] + shift[c]).reshape(x.shape)
 
 
-def check_batchnorm_forward_cupy(student, xp=None):
-    """Hidden test of ``batchnorm_forward_cupy(x, gamma, beta, eps) -> out``."""
-    check_not_reference(student, "batchnorm_forward_cupy")
-    xp = xp or default_xp()
-    run = on_device(student, xp)
-    cases = _forward_cases()
-    compare(run, reference_forward, cases, "batchnorm_forward_cupy", FORWARD_MISTAKES)
-    out = run(*cases[0].args)
-    if np.asarray(out).dtype != np.float32:
-        raise AssertionError(f"batchnorm_forward_cupy returns {np.asarray(out).dtype} for float32 input; "
-                             "the kernels work in float32")
+FORWARD_MISTAKES = [
+    Mistake("gamma and beta are swapped: y = x * a + b with a = gamma / sqrt(var + eps), b = beta - mean * a",
+            lambda x, g, b, eps: _norm(x, b, g, *reference_channel_stats(x), eps)),
+    Mistake("eps is added outside the square root; use a = gamma / sqrt(var + eps)",
+            lambda x, g, b, eps: _norm(x, g, b, *reference_channel_stats(x), eps, eps_outside=True)),
+    Mistake("the output uses the unbiased variance; the batch is normalized with the biased one",
+            lambda x, g, b, eps: _norm(x, g, b, reference_channel_stats(x)[0],
+                                       reference_channel_stats(x)[1] * _count(x) / (_count(x) - 1), eps)),
+    Mistake("the channel of element i is computed wrongly: in an (N, C, H, W) array it is (i // (H*W)) % C",
+            _wrong_channel),
+]
+
+
+def batchnorm_forward_cupy(r):
+    """``batchnorm_forward_cupy(x, gamma, beta, eps) -> y``: float32, by an ElementwiseKernel."""
+    name = "batchnorm_forward_cupy"
+    cases = probes.forward_cases()
+    compare(r, "case", reference_forward, cases, name, FORWARD_MISTAKES)
+    out = r.get("case0", reference_forward(*cases[0].args), name, cases[0].label)
+    if out.dtype != np.float32:
+        raise AssertionError(f"{name} returns {out.dtype} for float32 input; the kernels work in float32")
+    require_construct(r, name, "ElementwiseKernel", "apply y = x * a[c] + b[c] with your own cupy.ElementwiseKernel "
+                      "(that is what this exercise practises)")
 
 
 # --- 5. the fused statistics kernel, with the running update -------------------------------------
 
-def reference_fused_stats(x, running_mean, running_var, momentum, eps):
-    """(mean, rstd, new running_mean, new running_var) in float64, PyTorch's convention (unbiased running_var)."""
+def reference_fused_stats(x, running_mean, running_var, momentum, eps, unbiased=True, reciprocal=True):
+    """((mean, rstd), new running_mean, new running_var) in float64, in PyTorch's convention (the running
+    variance averages the unbiased batch variance), from the grader's own buffers.
+
+    Args:
+        unbiased, reciprocal: False for the mistakes: the biased variance averaged, rstd = sqrt(var + eps).
+    """
     mean, var = reference_channel_stats(x)
     n = _count(x)
+    batch_var = var * n / (n - 1) if unbiased else var
     rm, rv = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
-    new_rm = (1 - momentum) * rm + momentum * mean
-    new_rv = (1 - momentum) * rv + momentum * var * n / (n - 1)
-    return mean, 1 / np.sqrt(var + eps), new_rm, new_rv
-
-
-def _fused_cases(seed=57):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for case, momentum, eps in zip(_stats_cases(seed=seed), (0.1, 0.3, 0.1, 0.01, 1.0), (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
-        (x,) = case.args
-        C = x.shape[1]
-        rm, rv = rng.normal(0, 1, C).astype(np.float32), rng.uniform(0.5, 2.0, C).astype(np.float32)
-        cases.append(Case((x, rm, rv, momentum, eps), f"{case.label}, momentum={momentum}, eps={eps}"))
-    return cases
+    rstd = 1 / np.sqrt(var + eps) if reciprocal else np.sqrt(var + eps)
+    return (mean, rstd), (1 - momentum) * rm + momentum * mean, (1 - momentum) * rv + momentum * batch_var
 
 
 FUSED_MISTAKES = [
     Mistake("running_var averages the biased batch variance; PyTorch (and Ioffe & Szegedy's Algorithm 2) average "
             "the unbiased one, m2 / (n - 1)",
-            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:3]
-            + ((1 - m) * rv + m * reference_channel_stats(x)[1],)),
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps, unbiased=False)),
     Mistake("the momentum is used in TensorFlow's convention (weight of the old value); in PyTorch's it weighs the "
             "new batch statistic: new = (1 - momentum) * old + momentum * batch",
-            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:2]
-            + reference_fused_stats(x, rm, rv, 1 - m, eps)[2:]),
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, 1 - m, eps)),
     Mistake("the running statistics are not updated: the kernel must write the new values into the running_mean "
             "and running_var buffers it was given",
-            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps)[:2] + (rm, rv)),
+            lambda x, rm, rv, m, eps: (reference_fused_stats(x, rm, rv, m, eps)[0], rm, rv)),
     Mistake("rstd is sqrt(var + eps); it is the reciprocal, 1 / sqrt(var + eps)",
-            lambda x, rm, rv, m, eps: (reference_channel_stats(x)[0], np.sqrt(reference_channel_stats(x)[1] + eps))
-            + reference_fused_stats(x, rm, rv, m, eps)[2:]),
+            lambda x, rm, rv, m, eps: reference_fused_stats(x, rm, rv, m, eps, reciprocal=False)),
 ]
 
 
-def _fused_on_device(student, xp):
-    """``student`` on device copies of (x, running_mean, running_var); returns (mean, rstd, running_mean,
-    running_var) on the host, the buffers as the student's kernel left them."""
-    def run(x, running_mean, running_var, momentum, eps):
-        rm, rv = xp.asarray(running_mean), xp.asarray(running_var)
-        mean, rstd = to_numpy(student(xp.asarray(x), rm, rv, momentum, eps))
-        return mean, rstd, to_numpy(rm), to_numpy(rv)
-
-    run.__name__ = getattr(student, "__name__", "student")
-    run.graded_parts = (student,)  # this module imports bnref: judge the student's function, not this wrapper
-    return run
+def _fused_moments(r, key, case):
+    """(mean, var) of the fused call recorded at ``key``, the variance recovered from rstd."""
+    (mean, rstd), _, _ = r.get(key, reference_fused_stats(*case.args), "fused_forward_stats", case.label)
+    return mean, 1 / np.asarray(rstd, np.float64) ** 2 - case.args[4]
 
 
-def check_fused_forward_stats(student, xp=None):
-    """Hidden test of ``fused_forward_stats(x, running_mean, running_var, momentum, eps) -> (mean, rstd)``: the
-    statistics, the in-place running update in PyTorch's convention, and accuracy at |mean| / std = 1e3."""
-    check_not_reference(student, "fused_forward_stats")
-    xp = xp or default_xp()
-    run = _fused_on_device(student, xp)
-    compare(run, reference_fused_stats, _fused_cases(), "fused_forward_stats", FUSED_MISTAKES)
-
-    def moments(x, eps=1e-5):
-        C = x.shape[1]
-        mean, rstd, _, _ = run(x, np.zeros(C, np.float32), np.ones(C, np.float32), 0.1, eps)
-        return mean, 1 / np.asarray(rstd, np.float64) ** 2 - eps
-
-    _check_large_offset(moments, "fused_forward_stats", _stats_cases(seed=58, loc=1e3, scale=1.0))
+def fused_forward_stats(r):
+    """``fused_forward_stats(x, running_mean, running_var, momentum, eps) -> (mean, rstd)``: the statistics, the
+    in-place running update in PyTorch's convention, and accuracy at |mean| / std = 1e3; by a RawKernel."""
+    name = "fused_forward_stats"
+    compare(r, "case", reference_fused_stats, probes.fused_cases(), name, FUSED_MISTAKES)
+    large_offset(r, name, probes.fused_offset_cases(), lambda key, case: _fused_moments(r, key, case))
+    require_kernel(r, name, RAW_KERNEL, "compute the statistics and the running update in your own cupy.RawKernel "
+                   "(that is what this exercise practises)")
