@@ -43,7 +43,7 @@ def judged(key, namespace, cells):
     found, error = probe.run(f"ch05.{key}", namespace)
     text, blob = codec.dumps(found.tree(error), found.arrays)
     tree, _ = codec.loads(text.decode(), b"")
-    judge(f"ch05.{key}", tree, codec.LazyArrays(blob), sources=defined_sources(cells))
+    judge(f"ch05.{key}", tree, codec.LazyArrays.from_npz(blob), sources=defined_sources(cells))
 
 
 # --- (a) the solution ---------------------------------------------------------------------------

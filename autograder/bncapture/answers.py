@@ -10,7 +10,8 @@ cells (imports, ``def``, ``class`` and assignments; not their experiments), one 
 a statement that fails (``import torch`` where the grader has made torch unavailable) is reported and the rest
 still runs. Cells without nbgrader metadata, which a student may add, are never run: a redefinition there does
 not count. Then it runs each probe (:mod:`bncapture.probe`) within its time limit, and writes one zip to its
-standard output: ``status.json`` and ``out/<cell>.json|.npz``, each ``{probe key: records}``. Nothing else leaves.
+standard output: ``status.json``, and for each test cell ``out/<cell>.json`` (``{probe key: records}``) and its
+arrays as ``out/<cell>/<key>.npy`` members, which the judge reads one at a time. Nothing else leaves.
 
 With ``isolate`` (every assignment but the GPU one, whose CUDA context does not survive a fork), each answer
 cell is tried, and each probe runs, in a forked child: a crash, or a hang that ignores the time limit, costs that
@@ -34,6 +35,7 @@ from .probe import Deadline, describe_error, run
 #: statements of a locked (instructor) cell that define something; its loops, prints and trials are not run
 DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
 MAGIC = re.compile(r"(?m)^[ \t]*[!%].*$")
+END = b"\x00bncapture: complete"   # what a forked child writes last, so that an early exit(0) is a crash too
 
 
 def _kind(cell):
@@ -81,7 +83,7 @@ def _forked(work, seconds):
         try:
             data = work()
             with os.fdopen(write, "wb") as out:
-                out.write(data)
+                out.write(data + END)
             code = 0
         finally:
             os._exit(code)
@@ -99,10 +101,11 @@ def _forked(work, seconds):
                 break
             chunks.append(chunk)
     _, status = os.waitpid(pid, 0)
-    if status != 0:
+    data = b"".join(chunks)
+    if status != 0 or not data.endswith(END):
         how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
         return None, f"crashed the Python process ({how})"
-    return b"".join(chunks), None
+    return data[:-len(END)], None
 
 
 def _exec_cell(kind, cell_id, tree, namespace, seconds):
@@ -152,10 +155,10 @@ def build_namespace(cells, cell_seconds, isolate):
     return namespace, problems
 
 
-def probe_cells(plan, namespace, isolate):
+def probe_cells(plan, namespace):
     """{grade id: (tree, arrays)} of every planned probe, each within ``plan["probe_seconds"]`` (in a forked
     child with ``isolate``, so that a crash or a hang costs that check alone)."""
-    results = {}
+    results, isolate = {}, plan.get("isolate", True)
     for cell_id, keys in plan["cells"].items():
         tree, arrays = {}, {}
         for key in keys:
@@ -203,14 +206,13 @@ def main(argv=None):
     sys.argv = ["answers"]
     isolate = plan.get("isolate", True)
     namespace, problems = build_namespace(nb.get("cells", []), plan["cell_seconds"], isolate)
-    results = probe_cells(plan, namespace, isolate)
+    results = probe_cells(plan, namespace)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("status.json", json.dumps({"ended": "ok", "cells": problems}))
         for cell_id, (tree, arrays) in results.items():
-            json_bytes, npz_bytes = codec.dumps(tree, arrays)
-            zf.writestr(f"out/{cell_id}.json", json_bytes)
-            zf.writestr(f"out/{cell_id}.npz", npz_bytes)
+            zf.writestr(f"out/{cell_id}.json", json.dumps(tree))
+            codec.write_arrays(zf, f"out/{cell_id}/", arrays)
     channel.write(buffer.getvalue())
     channel.flush()
 

@@ -70,6 +70,13 @@ def check_array(array, where="array"):
     return array
 
 
+def write_arrays(zf, prefix, arrays):
+    """Write each array of ``arrays`` into the open zip ``zf`` as the member ``<prefix><key>.npy``."""
+    for key, array in arrays.items():
+        with zf.open(f"{prefix}{key}.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)
+
+
 def dumps(tree, arrays):
     """(JSON bytes, ``.npz`` bytes) of ``tree`` and ``arrays``."""
     import io
@@ -80,26 +87,34 @@ def dumps(tree, arrays):
 
 
 class LazyArrays:
-    """The arrays of an untrusted ``.npz``, read one at a time, each only once its header's shape is accepted.
+    """The arrays of untrusted zip members, read one at a time, each only once its header's shape is accepted.
 
     ``load(key, shape)`` refuses, before reading any data, an array whose header is not a plain numeric
     dtype of exactly ``shape`` (None: any shape, bounded by :data:`MAX_ARRAY_BYTES`).
+
+    Args:
+        zf: an open ``zipfile.ZipFile`` (kept open while the arrays are read).
+        members: {array key: ZipInfo of its ``.npy`` member}.
     """
 
-    def __init__(self, blob):
+    def __init__(self, zf=None, members=None):
+        self.zf, self.members = zf, dict(members or {})
+        if len(self.members) > MAX_ITEMS:
+            raise Malformed("the arrays are more than the limit")
+
+    @classmethod
+    def from_npz(cls, blob):
+        """The arrays of the bytes of an ``.npz``."""
         import io
 
-        self.zf = None
-        self.members = {}
-        if blob:
-            try:
-                self.zf = zipfile.ZipFile(io.BytesIO(blob))
-                infos = self.zf.infolist()
-            except (zipfile.BadZipFile, ValueError, OSError) as exc:
-                raise Malformed(f"not a valid .npz ({exc})") from None
-            if len(infos) > MAX_ITEMS:
-                raise Malformed("the arrays are more than the limit")
-            self.members = {i.filename[:-4]: i for i in infos if i.filename.endswith(".npy")}
+        if not blob:
+            return cls()
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(blob))
+            infos = zf.infolist()
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise Malformed(f"not a valid .npz ({exc})") from None
+        return cls(zf, {i.filename[:-4]: i for i in infos if i.filename.endswith(".npy")})
 
     def __contains__(self, key):
         return key in self.members

@@ -46,7 +46,7 @@ from bngrade.judge.hidden import (check_keys, grade_id, hidden_code, is_answer_c
 from bngrade.judge.scan import defined_sources, scan
 
 CAPTURE_PACKAGE = Path(bncapture.__file__).parent
-OUT_NAME = re.compile(r"^out/([A-Za-z0-9_.\-]{1,100})\.(json|npz)$")
+OUT_NAME = re.compile(r"^out/([A-Za-z0-9_.\-]{1,100})\.json$")
 MAX_TEXT = 20_000
 #: memory the judging process may add while it decides one notebook (outside every sandbox)
 JUDGE_MEMORY = 2 * sandbox.GiB
@@ -127,23 +127,25 @@ def parse_notebook(blob, limits):
 
 
 def parse_probes(blob, limits):
-    """(status, {cell: (tree, LazyArrays) or error text}) from the probe sandbox's zip; arrays stay unread."""
+    """(status, {cell: (tree, LazyArrays) or error text}) from the probe sandbox's zip; arrays stay unread (the
+    zip stays open for them)."""
     zf, infos = _open(blob, limits)
     if zf is None:
         return infos, {}
-    with zf:
-        status = _status(zf, infos)
-        records = {}
-        for name in infos:
-            match = OUT_NAME.match(name)
-            if not match or match.group(2) != "json":
-                continue
-            cell = match.group(1)
-            try:
-                tree, _ = codec.loads(_read(zf, infos, name, codec.MAX_JSON_BYTES) or b"", b"")
-                records[cell] = (tree, codec.LazyArrays(_read(zf, infos, f"out/{cell}.npz", codec.MAX_ARRAY_BYTES)))
-            except codec.Malformed as exc:
-                records[cell] = f"its results are malformed ({exc})"
+    status = _status(zf, infos)
+    records = {}
+    for name in infos:
+        match = OUT_NAME.match(name)
+        if not match:
+            continue
+        cell = match.group(1)
+        prefix = f"out/{cell}/"
+        members = {n[len(prefix):-4]: i for n, i in infos.items() if n.startswith(prefix) and n.endswith(".npy")}
+        try:
+            tree, _ = codec.loads(_read(zf, infos, name, codec.MAX_JSON_BYTES) or b"", b"")
+            records[cell] = (tree, codec.LazyArrays(zf, members))
+        except codec.Malformed as exc:
+            records[cell] = f"its results are malformed ({exc})"
     return status, records
 
 

@@ -48,12 +48,12 @@ def close(got, expected, dtype=None, tol=None):
     return bool(np.allclose(got, expected, rtol=rtol, atol=atol * scale, equal_nan=False))
 
 
-def describe_mismatch(got, expected):
+def describe_mismatch(got, expected, dtype=None, tol=None):
     """A short description of how two results of the same structure differ: the largest error and where."""
     if isinstance(expected, (tuple, list)):
         for i, (g, e) in enumerate(zip(got, expected)):
-            if not close(g, e):
-                return f"result [{i}]: " + describe_mismatch(g, e)
+            if not close(g, e, dtype, tol):
+                return f"result [{i}]: " + describe_mismatch(g, e, dtype, tol)
         return "results differ"
     err = np.abs(np.asarray(got, np.float64) - np.asarray(expected, np.float64))
     if err.size == 0:
@@ -94,7 +94,7 @@ def compare(r, prefix, reference, cases, name, mistakes=(), pick=lambda result: 
             continue
         name_mistake(got, case, mistakes, name, dtype, tol)
         raise AssertionError(f"{name} does not match the reference for input {case.label}: "
-                             f"{describe_mismatch(got, expected)}")
+                             f"{describe_mismatch(got, expected, dtype, tol)}")
 
 
 def inputs_unchanged(r, prefix, cases, name):
