@@ -1,138 +1,122 @@
-"""Hidden tests of chapter 4, *Training with batch norm*: the find-and-fix-the-bug exercise.
+"""Verdicts of chapter 4, *Training with batch norm*: the find-and-fix-the-bug exercise (probes:
+:mod:`bncapture.ch04`).
 
-The student's ``evaluate``, ``train_epoch`` and ``recalibrate`` run on models
-of the reference package (``bnref.mlp.MLP``, whose interface the notebook's
-own ``MLP`` shares) and are compared with the reference functions. Each known
-pitfall is a :class:`Mistake` whose ``fn`` is a buggy version of the graded
-function; when the student's outcome matches one, the message names it.
+The probe ran the student's ``evaluate``, ``train_epoch`` and ``recalibrate`` on the notebook's own ``MLP``, built
+from a public state, and recorded what each returned and the state it left the model in. Here the reference
+(``bnref.mlp``, whose ``MLP`` the notebook's shares in behaviour) runs from the same state on the grader's own
+copy of the data, and so does each known pitfall, a :class:`Mistake` whose ``fn`` is a buggy version of the
+graded function: when the student's outcome matches one, the message names it.
 """
 import copy
 import functools
 
 import numpy as np
-
 from bnref import mlp
-from bnref.data import load_digits
 
-from bngrade.judge.compare import Mistake, check_not_reference, close
-from bngrade.judge.remote import OBJECT_CODECS
+from bncapture import ch04 as probes
+
+from bngrade.judge.compare import Mistake, close
 
 TOL = (1e-6, 1e-9)  # float64 end to end; only the order of summation may differ
 # recalibrate: a float64 mean or variance of N <= 2000 samples is exact to N * 2**-53 ~ 2e-13 of the largest
-# statistic even with naive summation. On the cases below the reference is exact to 2e-15 (measured against
-# 80-bit long double), and other correct implementations (the notebook's layer, a one-pass E[z^2] - E[z]^2)
-# agree with it to 4e-15. An atol of 1e-11 (scaled by the largest statistic) is 50 times the summation bound
-# and over 2000 times what was measured; the nearest wrong answer, the biased variance, is off by
-# 1 / (N - 1) = 1.6e-3 (N = 640 here).
+# statistic even with naive summation. On these cases the reference is exact to 1.6e-15 (measured against
+# 80-bit long double), and the notebook's own layer and the correct alternatives of tests/test_verdicts_ch04.py
+# (among them Chan's chunked update) agree with it to under 1e-4 of this tolerance. An atol of 1e-11 (scaled by
+# the largest statistic) is 50 times the summation bound and over 5000 times the reference's error; the nearest
+# wrong answer, the biased variance, is off by 1 / (N - 1) = 1.6e-3 (N = 640 here).
 RECALIBRATE_TOL = (1e-9, 1e-11)
-SIZES = (64, 40, 30, 10)
-N_TRAIN = 640  # training samples the hidden tests use, to stay fast
+HIDDEN = range(len(probes.SIZES) - 2)  # the BN layers
 
 
-@functools.lru_cache(maxsize=1)
-def _digits():
-    x_train, y_train, x_test, y_test = load_digits()
-    return x_train[:N_TRAIN], y_train[:N_TRAIN], x_test, y_test
+def _reference_model(state, training):
+    """``bnref.mlp.MLP(SIZES, bn=True)`` given ``state`` (:func:`bncapture.ch04.model_state`) and a mode."""
+    model = mlp.MLP(probes.SIZES, bn=True)
+    model.weights, model.biases[-1] = list(state["weights"]), state["bias"]
+    for layer, values in zip(model.bn_layers, state["layers"]):
+        for attr, value in values.items():
+            setattr(layer, attr, value)
+    return model.train() if training else model.eval()
 
 
-def _model(epochs=0, seed=0, bn=True, momentum=0.1):
-    """A small reference MLP, trained by the reference loop for ``epochs`` epochs, left in training mode."""
-    x, y = _digits()[:2]
-    model = mlp.MLP(SIZES, bn=bn, seed=seed, momentum=momentum)
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        mlp.train_epoch(model, x, y, 0.1, 32, rng)
-    return model.train()
+def _state(model):
+    """{field: value} of a reference model, for every field of :func:`bncapture.ch04.state_fields`."""
+    top = {"weights": list(model.weights), "bias": model.biases[-1], "training": model.training}
+    return {field: top[field] if index is None else getattr(model.bn_layers[index], attr)
+            for field, index, attr in probes.state_fields()}
 
 
-# The sandbox gets a model as data: the notebook's own MLP and BatchNormLayer classes, built with the state of
-# a reference model (same attribute names; one output bias); what the student's call left in it comes back.
-LAYER_STATE = ("gamma", "beta", "running_mean", "running_var")
+def _run(fn, case):
+    """(result, state after) of ``fn(model, *data)`` on the reference model of ``case``, from the grader's own
+    copy of the case (rebuilt by the public builders; nothing recorded in the sandbox goes in)."""
+    state, training, *data = copy.deepcopy(case.args)
+    model = _reference_model(state, training)
+    result = fn(model, *data)
+    return result, _state(model)
 
 
-def _model_tree(model, encode):
-    layers = [{"obj": "BatchNormLayer", "attrs": {
-        **{name: encode(getattr(layer, name)) for name in LAYER_STATE},
-        "momentum": float(layer.momentum), "eps": float(layer.eps), "training": bool(layer.training),
-        "pending": None}} for layer in model.bn_layers]
-    return {"obj": "MLP", "attrs": {"weights": encode(list(model.weights)), "bias": encode(model.biases[-1]),
-                                    "bn_layers": {"l": layers}, "training": bool(model.training)}}
+def _before(case):
+    """The state of the case's model before any call."""
+    return _run(lambda model, *data: None, case)[1]
 
 
-def _plain(tree, arrays):
-    """An array or scalar of a state that came back from the sandbox."""
-    if isinstance(tree, dict) and "a" in tree:
-        return np.array(arrays[tree["a"]], dtype=np.float64)
-    if isinstance(tree, dict) and "s" in tree:
-        return float(tree["s"])
-    if isinstance(tree, (bool, int, float)):
-        return tree
-    raise ValueError("a model came back with an attribute that is not an array or a number")
+def _recorded_state(r, key, case, name, expected):
+    """{field: value} of the state the student's call left the model in, each shaped like ``expected``'s."""
+    state = {}
+    for field, index, attr in probes.state_fields():
+        what = f"model.{attr}" if index is None else f"model.bn_layers[{index}].{attr}"
+        state[field] = r.get(f"{key}.{field}", expected[field], f"{name}: {what}", f"{case.label}, read after the call")
+    return state
 
 
-def _apply_model(model, tree, arrays, session):
-    """Give the reference ``model`` the state the student's call left the sandbox's model in."""
-    attrs = tree["attrs"]
-    weights = attrs["weights"]["l"]
-    if len(weights) != len(model.weights):
-        raise ValueError("a model came back with a different number of layers")
-    for i, item in enumerate(weights):
-        model.weights[i] = _plain(item, arrays)
-    model.biases[-1] = _plain(attrs["bias"], arrays)
-    model.training = bool(attrs["training"])
-    for layer, sub in zip(model.bn_layers, attrs["bn_layers"]["l"]):
-        for name in LAYER_STATE:
-            setattr(layer, name, _plain(sub["attrs"][name], arrays))
-        layer.momentum = float(_plain(sub["attrs"]["momentum"], arrays))
-        layer.training = bool(sub["attrs"]["training"])
-
-
-OBJECT_CODECS[mlp.MLP] = (_model_tree, _apply_model)
-
-
-def _parts(model):
-    """(parameters, running statistics, momenta) of a model, each flattened."""
-    flat = [np.concatenate([np.ravel(a) for a in arrays]) if arrays else np.zeros(0) for arrays in (
-        model.parameters(),
-        [a for layer in model.bn_layers for a in (layer.running_mean, layer.running_var)],
-        [[layer.momentum] for layer in model.bn_layers])]
-    return tuple(flat)
-
-
-def _run(fn, name, *args):
-    """Call the student's ``fn``; report a crash as a failed test that names the function."""
+def _result(r, key, like, name, label, hint):
+    """The student's result at ``key``, shaped like ``like``; a result of another structure fails with ``hint``."""
     try:
-        return fn(*args)
-    except NotImplementedError:
-        raise AssertionError(f"{name} is not implemented yet.") from None
-    except Exception as exc:  # a student's bug: report it as a failed test
-        raise AssertionError(f"{name} raised {type(exc).__name__}: {exc}") from None
+        return r.get(key, like, name, label)
+    except AssertionError as exc:
+        if r.raised(key, name, label) is not None:
+            raise
+        raise AssertionError(f"{exc}: {hint}") from None
 
 
-def _check(student, reference, mistakes, name, cases, outcome, explain, tol=TOL):
-    """Compare ``outcome(student, args)`` with the reference's on every case, or name the mistake.
+def _parts(state):
+    """(parameters, running statistics, momenta) of a state, each flattened into one float array."""
+    params = [*state["weights"], state["bias"]] + [state[f"bn{i}.{a}"] for i in HIDDEN for a in ("gamma", "beta")]
+    running = [state[f"bn{i}.{a}"] for i in HIDDEN for a in ("running_mean", "running_var")]
+    momenta = [[state[f"bn{i}.momentum"]] for i in HIDDEN]
+    return tuple(np.concatenate([np.ravel(np.asarray(a, dtype=np.float64)) for a in arrays])
+                 for arrays in (params, running, momenta))
+
+
+def _judge(r, name, cases, reference, mistakes, outcome, explain, tol, hint=None):
+    """Compare ``outcome(result, state after)`` of the student's call with the reference's on every case, or name
+    the mistake; returns the reference's results.
 
     Args:
-        cases: (label, args) pairs; each function runs on its own deep copy of ``args``.
-        tol: (rtol, atol) of :func:`close` for every comparison.
-        outcome: ``outcome(fn, args)`` runs ``fn(*args)`` and returns a tuple of arrays.
-        explain: ``explain(got, expected, args)`` returns the message when no known mistake
-            matches; ``args`` are the inputs as they were before the call.
+        outcome: a tuple of arrays from a call's result and the state it left (:func:`_state`).
+        explain: ``explain(got, expected, case)``, the message when no known mistake matches.
+        hint: what to say of a result of the wrong structure; None: the result is not read here.
     """
-    check_not_reference(student, name)
-    for label, args in cases:
-        expected = outcome(reference, copy.deepcopy(args))
-        got = outcome(lambda *a: _run(student, name, *a), copy.deepcopy(args))
+    results = []
+    for index, case in enumerate(cases):
+        key = f"case{index}"
+        result, state = _run(reference, case)
+        results.append(result)
+        r.get(f"{key}.model", None, "MLP", case.label)
+        got_result = r.get(key, None, name, case.label) if hint is None else _result(r, key, result, name,
+                                                                                     case.label, hint)
+        got = outcome(got_result, _recorded_state(r, key, case, name, state))
+        expected = outcome(result, state)
         if close(got, expected, tol=tol):
             continue
         for mistake in mistakes:
             try:
-                wrong = outcome(mistake.fn, copy.deepcopy(args))
+                wrong = outcome(*_run(mistake.fn, case))
             except Exception:  # the mistake does not apply to this case
                 continue
             if close(got, wrong, tol=tol):
-                raise AssertionError(f"{name}: {mistake.message} (on {label})")
-        raise AssertionError(f"{name}: {explain(got, expected, args)} (on {label})")
+                raise AssertionError(f"{name}: {mistake.message} (on {case.label})")
+        raise AssertionError(f"{name}: {explain(got, expected, case)} (on {case.label})")
+    return results
 
 
 # --- evaluate -------------------------------------------------------------------------------------------------
@@ -163,39 +147,21 @@ EVALUATE_MISTAKES = [
 ]
 
 
-def _evaluate_outcome(fn, args):
-    result = fn(*args)
-    try:
-        loss, accuracy = (float(v) for v in result)
-    except Exception:
-        raise AssertionError(f"evaluate returned {result!r}; it must return (loss, accuracy), two numbers") from None
-    return (np.array([loss, accuracy]),) + _parts(args[0])
+def _evaluate_outcome(result, state):
+    return (np.array(result, dtype=np.float64),) + _parts(state)
 
 
-def _explain_evaluate(got, expected, args):
+def _explain_evaluate(got, expected, case):
     if close(got[0], expected[0], tol=TOL):
         return "evaluate changed the model's parameters or running statistics; evaluating must only read them"
-    return (f"evaluate returned (loss, accuracy) = ({got[0][0]:.6g}, {got[0][1]:.6g}); the model in eval mode "
+    return (f"it returned (loss, accuracy) = ({got[0][0]:.6g}, {got[0][1]:.6g}); the model in eval mode "
             f"gives ({expected[0][0]:.6g}, {expected[0][1]:.6g})")
 
 
-def _evaluate_cases():
-    """Models left in training mode, as a training loop leaves them, with the test set."""
-    random_stats = _model(seed=1)
-    rng = np.random.default_rng(3)
-    for layer in random_stats.bn_layers:
-        layer.running_mean = rng.normal(0.0, 0.5, layer.running_mean.shape)
-        layer.running_var = rng.uniform(0.3, 3.0, layer.running_var.shape)
-    x, y = _digits()[2:]
-    return [("a BN model after 2 epochs of training", (_model(epochs=2), x, y)),
-            ("an untrained BN model with random running statistics", (random_stats, x, y)),
-            ("a BN model after 1 epoch, momentum 0.5", (_model(epochs=1, seed=3, momentum=0.5), x, y))]
-
-
-def check_evaluate(student):
-    """Hidden test of ``evaluate(model, x, y) -> (loss, accuracy)``: eval mode, and the model left unchanged."""
-    _check(student, mlp.evaluate, EVALUATE_MISTAKES, "evaluate", _evaluate_cases(), _evaluate_outcome,
-           _explain_evaluate)
+def evaluate(r):
+    """``evaluate(model, x, y) -> (loss, accuracy)``: eval mode, and the model's parameters and statistics kept."""
+    _judge(r, "evaluate", probes.evaluate_cases(), mlp.evaluate, EVALUATE_MISTAKES, _evaluate_outcome,
+           _explain_evaluate, TOL, hint="it must return (loss, accuracy), two numbers")
 
 
 # --- train_epoch ----------------------------------------------------------------------------------------------
@@ -234,41 +200,31 @@ TRAIN_MISTAKES = [
 ]
 
 
-def _train_outcome(fn, args):
-    losses = fn(*args)
-    try:
-        losses = np.asarray(losses, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise AssertionError("train_epoch must return the array of the training losses of its steps") from None
-    return _parts(args[0]) + (losses,)
+def _train_outcome(result, state):
+    return _parts(state)
 
 
-def _explain_train(got, expected, args):
-    params, running, momenta = _parts(args[0])  # before the epoch
+def _explain_train(got, expected, case):
+    params, running, _ = _parts(_before(case))
     if close(got[1], running, tol=TOL) and not close(got[0], params, tol=TOL):
         return UPDATE_OPS_MESSAGE
     if not close(got[0], expected[0], tol=TOL):
         return ("after one epoch the parameters differ from the reference's: keep the given shuffling (one "
                 "rng.permutation(len(x))) and batching, and take one SGD step per batch")
-    if not close(got[1:3], expected[1:3], tol=TOL):
-        return ("after one epoch the running statistics differ from the reference's: run model.run_update_ops() "
-                "once after each training forward pass, and leave the momentum alone")
-    return (f"train_epoch returned {got[3].size} losses that differ from the {expected[3].size} expected: "
-            "return the training loss of every step, in order")
+    return ("after one epoch the running statistics differ from the reference's: run model.run_update_ops() "
+            "once after each training forward pass, and leave the momentum alone")
 
 
-def _train_cases():
-    """A fresh BN model left in eval mode (as evaluate leaves it), and a BN model trained for an epoch."""
-    x, y = _digits()[:2]
-    return [("a fresh BN model in eval mode, batches of 32",
-             (_model().eval(), x, y, 0.1, 32, np.random.default_rng(7))),
-            ("a BN model after one epoch, batches of 50",
-             (_model(epochs=1, seed=2), x, y, 0.05, 50, np.random.default_rng(8)))]
-
-
-def check_train_epoch(student):
-    """Hidden test of ``train_epoch(model, x, y, lr, batch_size, rng) -> losses``."""
-    _check(student, mlp.train_epoch, TRAIN_MISTAKES, "train_epoch", _train_cases(), _train_outcome, _explain_train)
+def train_epoch(r):
+    """``train_epoch(model, x, y, lr, batch_size, rng) -> losses``: the model after one epoch, then the losses."""
+    cases = probes.train_cases()
+    expected = _judge(r, "train_epoch", cases, mlp.train_epoch, TRAIN_MISTAKES, _train_outcome, _explain_train, TOL)
+    for index, (case, losses) in enumerate(zip(cases, expected)):
+        got = _result(r, f"case{index}", losses, "train_epoch", case.label,
+                      "train_epoch must return the array of the training losses of its steps, one per batch")
+        if not close(got, losses, tol=TOL):
+            raise AssertionError(f"train_epoch returned losses that differ from the training losses of the steps: "
+                                 f"return the loss of every step, in order (on {case.label})")
 
 
 # --- recalibrate ----------------------------------------------------------------------------------------------
@@ -331,28 +287,24 @@ RECALIBRATE_MISTAKES = [
 ]
 
 
-def _recalibrate_outcome(fn, args):
-    fn(*args)
-    return _parts(args[0])
+def _recalibrate_outcome(result, state):
+    """(parameters, running statistics, momenta, modes): modes 1 for training, 0 for eval."""
+    modes = [state["training"]] + [state[f"bn{i}.training"] for i in HIDDEN]
+    return _parts(state) + (np.array(modes, dtype=np.float64),)
 
 
-def _explain_recalibrate(got, expected, args):
+def _explain_recalibrate(got, expected, case):
     if not close(got[0], expected[0], tol=RECALIBRATE_TOL):
         return "recalibrate changed the weights; it must only replace the running statistics"
     if not close(got[2], expected[2], tol=RECALIBRATE_TOL):
         return "recalibrate changed the layers' momentum; restore the momentum each layer had"
-    return ("the running statistics are not the mean and unbiased variance of each BN layer's input over the whole "
-            "training set, computed in one training-mode pass")
+    if not close(got[1], expected[1], tol=RECALIBRATE_TOL):
+        return ("the running statistics are not the mean and unbiased variance of each BN layer's input over the "
+                "whole training set, computed in one training-mode pass")
+    return "recalibrate should leave the model and each of its BN layers in eval mode: call model.eval() at the end"
 
 
-def _recalibrate_cases():
-    x = _digits()[0]
-    return [("a BN model after 3 epochs, momentum 0.1", (_model(epochs=3), x)),
-            ("a BN model after 1 epoch, momentum 0.01", (_model(epochs=1, seed=4, momentum=0.01), x)),
-            ("an untrained BN model in eval mode", (_model(seed=5).eval(), x))]
-
-
-def check_recalibrate(student):
-    """Hidden test of ``recalibrate(model, x)``: running statistics of the whole training set, momentum kept."""
-    _check(student, mlp.recalibrate_bn, RECALIBRATE_MISTAKES, "recalibrate", _recalibrate_cases(),
-           _recalibrate_outcome, _explain_recalibrate, tol=RECALIBRATE_TOL)
+def recalibrate(r):
+    """``recalibrate(model, x)``: running statistics of the whole training set, momentum kept, eval mode."""
+    _judge(r, "recalibrate", probes.recalibrate_cases(), mlp.recalibrate_bn, RECALIBRATE_MISTAKES,
+           _recalibrate_outcome, _explain_recalibrate, RECALIBRATE_TOL)
