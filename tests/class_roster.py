@@ -232,6 +232,18 @@ ROSTER["ch08_beyond_bn"] = {
     "syncbn-global-dgamma": {"replace": {"syncbn": [("    return dx, dgamma, dbeta",
                                                      "    return dx, sums[c:] * n, sums[:c] * n")]},
                              "lose": {"test_syncbn_backward"}, "says": "already summed over the ranks"},
+    "ln-forgets-gamma": {"replace": {"layernorm_backward": [("g = dout * gamma", "g = dout")]},
+                         "lose": {"test_layernorm_backward"}, "says": "dx forgets gamma"},
+    "ln-float64-backward": {"replace": {"layernorm_forward": [  # float64 rstd, float64 gradients: correct
+        (NORM_RSTD, NORM_RSTD.replace("keepdims=True)", "keepdims=True, dtype=np.float64)"))]}, "lose": set()},
+    "gn-pooled-batch": {"replace": {"groupnorm_forward": [
+        (GN_ROWS, "rows = x.reshape(n, groups, -1).swapaxes(0, 1).reshape(groups, -1)"),
+        (GN_BACK, "x_hat = (centered * rstd).reshape(groups, n, -1).swapaxes(0, 1).reshape(x.shape)")]},
+        "lose": {"test_groupnorm_forward", "test_groupnorm_backward"}, "says": "pooled over the whole batch"},
+    "gn-no-group-check": {"replace": {"groupnorm_forward": [(" or c % groups", "")]},
+                          "lose": {"test_groupnorm_bad_input"}, "says": "accepted C = 6 channels with groups = 4"},
+    "merge-unweighted": {"replace": {"merge_moments": [("ma + delta * (nb / n)", "ma + delta * 0.5")]},
+                         "lose": {"test_merge_moments"}, "says": "ignores the shards' sizes"},
     "large-batch-bn": {"override": {"answer_small_batch": 'answer_small_batch = "A"'},
                        "lose": {"test_answer_small_batch"}, "says": "running statistics are only used at test time"},
 }

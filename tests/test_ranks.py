@@ -1,13 +1,14 @@
-"""bncapture.ranks: data-parallel ranks as threads and as gloo processes; sums, traffic, and failures
-reported clearly and in time, with nothing left running."""
+"""bncapture.ranks: data-parallel ranks as threads, as forked processes joined by pipes, and as gloo processes;
+sums, traffic, and failures reported clearly and in time, with nothing left running."""
 import multiprocessing
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from bncapture.ranks import START_S, BACKENDS, RankError, run_gloo, run_threads
+from bncapture.ranks import FORK_S, START_S, BACKENDS, RankError, run_gloo, run_processes, run_threads
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
@@ -90,7 +91,8 @@ def test_a_join_that_fails_on_every_rank_is_reported_as_such(monkeypatch):
         run_gloo(lambda rank, all_reduce: rank, [(0,), (1,)], 10)
 
 
-def test_a_thread_that_hangs_outside_all_reduce_stops_the_run_at_the_timeout():
+@pytest.mark.parametrize("run", [run_threads, run_processes], ids=["threads", "processes"])
+def test_a_rank_that_hangs_outside_all_reduce_stops_the_run_at_the_timeout(run):
     release = threading.Event()
 
     def hang(rank, all_reduce):
@@ -101,29 +103,55 @@ def test_a_thread_that_hangs_outside_all_reduce_stops_the_run_at_the_timeout():
     start = time.monotonic()
     with pytest.raises(RankError, match=r"ranks \[0\] did not finish within 2 s \(rank 1 waited more than 2 s for the "
                                         r"other ranks at its all_reduce call 1"):
-        run_threads(hang, [(0,), (1,)], 2)
+        run(hang, [(0,), (1,)], 2)
     assert time.monotonic() - start < 4
     release.set()
+    assert not multiprocessing.active_children()
 
 
-def test_a_process_that_computes_forever_is_killed_at_the_hard_limit():
+@pytest.mark.parametrize("run,start_s", [(run_gloo, START_S), (run_processes, FORK_S)], ids=["gloo", "processes"])
+def test_a_process_that_computes_forever_is_killed_at_the_hard_limit(run, start_s):
     def compute_forever(rank, all_reduce):  # gloo's own timeout cannot fire: the parent's limit does
         time.sleep(60)
 
     start = time.monotonic()
     with pytest.raises(RankError, match=r"ranks \[0, 1\] did not finish within 1 s; their processes were killed"):
-        run_gloo(compute_forever, [(0,), (1,)], 1)
-    assert time.monotonic() - start < 1 + START_S + 3
+        run(compute_forever, [(0,), (1,)], 1)
+    assert time.monotonic() - start < 1 + start_s + 3
     assert not multiprocessing.active_children()
 
 
-def test_different_shapes_at_one_call_are_refused():
+def test_a_rank_whose_process_dies_is_reported_by_rank_while_the_others_wait():
+    def die(rank, all_reduce):
+        if rank == 1:
+            os._exit(3)
+        return all_reduce(np.ones(1))
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1: its process died \(exit code 3\)"):
+        run_processes(die, [(0,), (1,), (2,)], 30)
+    assert time.monotonic() - start < 5
+    assert not multiprocessing.active_children()
+
+
+def test_a_rank_that_returns_what_cannot_leave_its_process_is_reported():
+    with pytest.raises(RuntimeError, match=r"rank 0: .*pickle"):
+        run_processes(lambda rank, all_reduce: lambda: rank, [(0,), (1,)], 10)
+
+
+@pytest.mark.parametrize("run", [run_threads, run_processes], ids=["threads", "processes"])
+def test_different_shapes_at_one_call_are_refused(run):
     step = lambda rank, all_reduce: all_reduce(np.zeros(2 + rank))  # noqa: E731
     with pytest.raises(RankError, match=r"all_reduce call 1 got arrays of different shapes"):
-        run_threads(step, [(0,), (1,)], 5)
+        run(step, [(0,), (1,)], 5)
+    assert not multiprocessing.active_children()
 
 
-def test_gloo_ranks_write_nothing_to_stderr(capfd):
-    """c10d warns on stderr where the host has no name (a sandbox); a graded cell's stderr would score 0."""
-    run_gloo(lambda a, all_reduce: all_reduce(np.ones(2)), [(0,), (1,)], 20)
+@pytest.mark.parametrize("run", [run_gloo, run_processes], ids=["gloo", "processes"])
+def test_process_ranks_write_nothing_to_stderr(capfd, run):
+    """c10d warns on stderr where the host has no name (a sandbox); a graded cell's stderr would score 0. The
+    process ranks stay quiet when a rank fails and the others are killed, too."""
+    run(lambda a, all_reduce: all_reduce(np.ones(2)), [(0,), (1,)], 20)
+    with pytest.raises(RuntimeError, match="rank 1: ZeroDivisionError"):
+        run_processes(lambda rank, all_reduce: all_reduce(np.ones(2)) if rank == 0 else 1 / 0, [(0,), (1,)], 20)
     assert capfd.readouterr().err == ""

