@@ -36,7 +36,10 @@ c.Autograde.autograde_preprocessors = [
 ]
 
 # Feedback: remove hidden-test code (nbgrader #1363) and reduce tracebacks to
-# the assertion message, so no hidden test reaches a student.
+# the assertion message, so no hidden test reaches a student. The page is written by an exporter that
+# sanitizes the student's HTML (nh3) and forbids scripts (a Content-Security-Policy), so that opening
+# a hostile student's feedback runs nothing.
+c.GenerateFeedback.exporter_class = "bngrade.pipeline.feedback.SafeFeedbackExporter"
 c.GenerateFeedback.preprocessors = [
     "nbgrader.preprocessors.GetGrades",
     "nbgrader.preprocessors.ClearHiddenTests",
