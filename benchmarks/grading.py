@@ -2,9 +2,9 @@
 
 Prints two tables measured in this run:
 
-* the same solved notebook executed by the same runner in a bubblewrap sandbox and in a plain subprocess
-  (alternating, median of ``--repeats``): the sandbox's overhead per notebook (goal: <= 0.5 s);
-* a class of ``--students`` solved notebooks graded end to end (record, sandboxed autograde, judge,
+* the same solved notebook executed (the notebook and the probes, at once, as grading does) in bubblewrap
+  sandboxes and in plain subprocesses (alternating, median of ``--repeats``): the sandbox's overhead per notebook;
+* a class of ``--students`` solved notebooks graded end to end (sandboxed autograde, judge,
   feedback, export) with ``-j 1`` and ``-j 2``: seconds, seconds per notebook, the speed-up (goal: >= 1.8x), and
   the span of each phase (from its first start to its last end).
 
@@ -32,30 +32,28 @@ from submissions import make_submission  # noqa: E402
 
 
 def overhead(course, assignment, repeats):
-    """Median seconds of one notebook run in the sandbox and unsandboxed (same runner, same scripts)."""
+    """Median seconds of one notebook's execution in the sandbox and unsandboxed (same runners)."""
     released = course.path("release", assignment, f"{assignment}.ipynb")
     with tempfile.TemporaryDirectory() as tmp:
         solved = nbformat.read(make_submission(released, assignment, Path(tmp) / "nb.ipynb"), as_version=4)
         source = nbformat.read(course.path("source", assignment, f"{assignment}.ipynb"), as_version=4)
         tests = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells
-                 if c.metadata.get("nbgrader", {}).get("grade")}
+                 if c.metadata.get("nbgrader", {}).get("grade") and not c.metadata["nbgrader"].get("solution")}
         for cell in solved.cells:   # as nbgrader's OverwriteCells leaves it
             cell.source = tests.get(cell.metadata.get("nbgrader", {}).get("grade_id"), cell.source)
-        work = grading.record_scripts(course, assignment)
-        scripts = autograde._load_scripts(work / "scripts")
         settings = {"timeout": 120, "interrupt_on_timeout": True}
         times = {True: [], False: []}
         for _ in range(repeats):
             for boxed in (True, False):
                 start = time.perf_counter()
-                _, status, outcomes, _ = autograde.execute(solved, "nb.ipynb", scripts, settings, sandbox.Limits(),
-                                                           use_sandbox=boxed)
+                _, status, probed, records, _ = autograde.execute(solved, "nb.ipynb", assignment, settings,
+                                                                  sandbox.Limits(), use_sandbox=boxed)
                 times[boxed].append(time.perf_counter() - start)
-                assert status["ended"] == "ok" and len(outcomes) == len(scripts), status
+                assert status["ended"] == "ok" and probed["ended"] == "ok" and len(records) == len(tests), status
     return statistics.median(times[True]), statistics.median(times[False])
 
 
-PHASES = {"record": "record_scripts", "autograde": "autograde_student", "feedback": "write_feedback",
+PHASES = {"autograde": "autograde_student", "feedback": "write_feedback",
           "export": "export_grades"}
 
 

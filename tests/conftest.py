@@ -1,4 +1,5 @@
 """Shared fixtures: one nbgrader course per test session, the class graded once per assignment."""
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Graded inputs are drawn with the course's secret salt; the tests grade under a fixed one, so that a run is
+# reproducible (tests/test_salt.py runs the solutions under others).
+os.environ.setdefault("BNGRADE_SALT", "20261208")
 
 from bngrade.pipeline import device  # noqa: E402
 from bngrade.pipeline.course import REPO, Course, assignments  # noqa: E402

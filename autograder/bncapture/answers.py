@@ -3,7 +3,7 @@
 ``python -m bncapture.answers INPUT WORK`` reads ``INPUT/notebook.ipynb`` (the submission as nbgrader sanitized
 it: test and locked cells restored from the gradebook) and ``INPUT/plan.json``::
 
-    {"cells": {grade id: [probe key, ...]}, "probe_seconds": s, "cell_seconds": s, "isolate": bool}
+    {"cells": {grade id: [probe key, ...]}, "probe_seconds": s, "cell_seconds": s, "isolate": bool, "salt": int}
 
 It runs, in order, every answer cell (nbgrader ``solution``) and the definitions of the instructor's locked
 cells (imports, ``def``, ``class`` and assignments; not their experiments), one top-level statement at a time:
@@ -29,7 +29,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from . import codec
+from . import cases, codec
 from .probe import Deadline, describe_error, run
 
 #: statements of a locked (instructor) cell that define something; its loops, prints and trials are not run
@@ -202,6 +202,7 @@ def main(argv=None):
     os.dup2(devnull, 2)
     os.chdir(work)
     plan = json.loads((source / "plan.json").read_text())
+    cases.SALT = plan.get("salt")
     nb = json.loads((source / "notebook.ipynb").read_text())
     sys.argv = ["answers"]
     isolate = plan.get("isolate", True)

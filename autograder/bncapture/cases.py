@@ -1,8 +1,22 @@
 """Public input builders shared by the probes and, through them, by the verdicts: the same seed gives the
-grader's own copy of exactly the inputs that the student's code saw."""
+grader's own copy of exactly the inputs that the student's code saw.
+
+Every builder draws from :func:`generator`, which mixes its seed with the grading run's secret :data:`SALT`
+(kept in the course directory, sent to the probe with its plan): the code is public, but the inputs of a graded
+run are not, so answers cannot be computed ahead for them.
+"""
 from typing import NamedTuple
 
 import numpy as np
+
+
+#: the grading run's secret (an int), or None: the builders' own seeds (in-process checks, the tests)
+SALT = None
+
+
+def generator(*seed):
+    """A ``numpy.random.Generator`` for a builder's ``seed`` (ints), mixed with :data:`SALT` when there is one."""
+    return np.random.default_rng(list(seed) if SALT is None else [SALT, *seed])
 
 
 class Case(NamedTuple):

@@ -5,7 +5,7 @@ stand in for ``standardize``.
 """
 import numpy as np
 
-from .cases import Case, each, random_matrix
+from .cases import Case, each, generator, random_matrix
 
 #: (shape, loc) of the data matrices: small, wide-spread means (loc = 100), and a larger one
 MATRICES = [((5, 2), 0.0), ((40, 3), 100.0), ((200, 7), 0.0)]
@@ -13,7 +13,7 @@ MATRICES = [((5, 2), 0.0), ((40, 3), 100.0), ((200, 7), 0.0)]
 
 def matrix_cases(seed):
     """Cases (X (N, D) float64,) of the shapes of :data:`MATRICES`."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     return [Case((random_matrix(rng, shape, np.float64, loc=loc),), f"X {shape}, feature means near {loc:g}")
             for shape, loc in MATRICES]
 

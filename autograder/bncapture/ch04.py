@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from .cases import Case
+from .cases import Case, generator
 
 SIZES = (64, 40, 30, 10)
 N_TRAIN, N_TEST = 640, 449
@@ -32,7 +32,7 @@ def digits():
     """(x_train (640, 64), y_train (640,), x_test (449, 64), y_test (449,)): the 8x8 digits, pixels scaled to
     [0, 1], test set and training subset drawn by one permutation (seed 0); fresh arrays on every call."""
     x, y = _digit_images()
-    order = np.random.default_rng(0).permutation(len(y))
+    order = generator(0).permutation(len(y))
     test, train = order[:N_TEST], order[N_TEST:N_TEST + N_TRAIN]
     return x[train], y[train], x[test], y[test]
 
@@ -44,7 +44,7 @@ def model_state(seed, momentum=0.1):
         {"weights": [(D_in, D_out)] He-scaled, "bias": (10,), "layers": [{"gamma", "beta", "running_mean",
         "running_var": (width,) each, "momentum": float}] one per BN layer}.
     """
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     weights = [rng.normal(0.0, np.sqrt(2.0 / a), (a, b)) for a, b in zip(SIZES[:-1], SIZES[1:])]
     layers = [{"gamma": rng.uniform(0.5, 1.5, d), "beta": rng.normal(0.0, 0.3, d),
                "running_mean": rng.normal(0.0, 0.5, d), "running_var": rng.uniform(0.3, 3.0, d),
@@ -63,9 +63,9 @@ def evaluate_cases():
 def train_cases():
     """Cases (state, training, x, y, lr, batch_size, rng): a fresh shuffling generator on every call."""
     x, y, _, _ = digits()
-    return [Case((model_state(4), False, x, y, 0.1, 32, np.random.default_rng(7)),
+    return [Case((model_state(4), False, x, y, 0.1, 32, generator(7)),
                  "a BN model in eval mode (as evaluate leaves it), batches of 32"),
-            Case((model_state(5, momentum=0.3), True, x, y, 0.05, 50, np.random.default_rng(8)),
+            Case((model_state(5, momentum=0.3), True, x, y, 0.05, 50, generator(8)),
                  "a BN model in training mode, momentum 0.3, batches of 50")]
 
 

@@ -7,7 +7,7 @@ calls ``.get()`` on device arrays), so the verdicts work on NumPy alone.
 """
 import numpy as np
 
-from .cases import Case, each
+from .cases import Case, each, generator
 
 # float32 shapes whose values per channel (N*H*W) are not multiples of a 256-thread block
 STATS_SHAPES = [(2, 3, 5, 7), (3, 4, 17, 19), (64, 3, 1, 1), (5, 6, 33, 31), (1, 2, 300, 1)]
@@ -35,7 +35,7 @@ def _partial(values, dtype):
 def merge_cases(dtype, seed=51):
     """``chan_merge`` inputs ((count, mean, m2), (count, mean, m2)) with means of ``dtype``: unequal counts,
     far-apart means, and an empty side, or both (counts (0, 0))."""
-    rng = np.random.default_rng((seed, np.dtype(dtype).itemsize))
+    rng = generator(seed, np.dtype(dtype).itemsize)
     cases = []
     for (na, nb), shape, loc in [((5, 9), (4,), 0.0), ((1, 30), (3, 2), 3.0), ((40, 2), (6,), -20.0),
                                  ((0, 7), (5,), 1.0), ((7, 0), (5,), 1.0), ((0, 0), (3,), 0.0)]:
@@ -48,7 +48,7 @@ def merge_cases(dtype, seed=51):
 def stats_cases(seed=52, loc=0.0, scale=None, shapes=STATS_SHAPES):
     """float32 inputs (N, C, ...) with a mean and a spread per channel (or one spread ``scale``, means near
     ``loc``)."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     cases = []
     for shape in shapes:
         C = shape[1]
@@ -74,7 +74,7 @@ def centred(case):
 
 def forward_cases(seed=54):
     """(x (N, C, H, W), gamma (C,), beta (C,), eps), float32."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     cases = []
     for shape, eps in zip(STATS_SHAPES, (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
         C = shape[1]
@@ -88,7 +88,7 @@ def forward_cases(seed=54):
 
 def fused_cases(seed=57):
     """(x (N, C, H, W), running_mean (C,), running_var (C,), momentum, eps), float32."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     cases = []
     for case, momentum, eps in zip(stats_cases(seed=seed), (0.1, 0.3, 0.1, 0.01, 1.0), (1e-5, 1e-3, 1e-5, 0.1, 1e-5)):
         (x,) = case.args

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cases import first
+from .cases import first, generator
 from .probe import part
 
 
@@ -58,7 +58,7 @@ RNG_X, RNG_P, SAME_SEED, SHARED_SEED = np.ones((40, 30)), 0.4, 123, 321
 
 def forward_cases(configs, train, mode, seed):
     """[:class:`Forward`] of ``configs`` [(shape, p, dtype)]: x and the mask's seed drawn in turn from ``seed``."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     cases = []
     for shape, p, dtype in configs:
         x = signed_values(rng, shape, dtype)
@@ -79,7 +79,7 @@ def rng_cases():
 
 def backward_cases(seed=75):
     """[:class:`Backward`] of :data:`BACKWARD_CASES`: x, the mask's seed and dout drawn in turn from ``seed``."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed)
     cases = []
     for shape, p, train, mode, dtype in BACKWARD_CASES:
         x = signed_values(rng, shape, dtype)
@@ -91,7 +91,7 @@ def backward_cases(seed=75):
 def call_forward(p, key, fn, case, rng=None):
     """Record ``out`` of ``fn`` on ``case`` (x watched); the generator is a fresh one of the case's seed unless
     ``rng`` is given (it is then shared, never copied). Returns the live ``(out, cache)``."""
-    rng = np.random.default_rng(case.seed) if rng is None else rng
+    rng = generator(case.seed) if rng is None else rng
     return p.call(key, lambda x: fn(x, case.p, case.train, rng, case.mode), case.x, keep=first, after=True)
 
 
@@ -105,7 +105,7 @@ def dropout_train(p):
     """Inverted training mode: every case, the generator checks, and p = 1."""
     fn = p.student("dropout_forward")
     call_each(p, "train", fn, forward_cases(TRAIN_CASES, True, "inverted", seed=71))
-    shared = np.random.default_rng(SHARED_SEED)
+    shared = generator(SHARED_SEED)
     for key, case in rng_cases().items():
         call_forward(p, key, fn, case, rng=shared if key.startswith("shared") else None)
     call_forward(p, "p1", fn, p_one_case(True, "inverted", seed=76))

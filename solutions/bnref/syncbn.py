@@ -14,8 +14,8 @@ The result equals one batch norm over the concatenated shards. Moments can
 also be merged without a second round, shard by shard, with Chan et al.'s
 pairwise formula (:func:`merge_moments`).
 
-:mod:`bncapture.ranks` runs the ranks, as threads or as processes joined by
-``torch.distributed`` (gloo, CPU, 127.0.0.1); the grader uses it too.
+:mod:`bncapture.ranks` runs the ranks, as threads, as forked processes joined by pipes (what the grader
+uses: its probes cannot import torch), or as processes joined by ``torch.distributed`` (gloo, CPU, 127.0.0.1).
 ``torch.nn.SyncBatchNorm`` itself refuses CPU tensors, so the CPU course
 writes its own.
 """

@@ -36,7 +36,7 @@ from nbformat.v4 import new_output
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 
 import bncapture
-from bncapture import codec
+from bncapture import cases, codec
 
 from bngrade import sandbox
 from bngrade.judge.check import judge, names_of
@@ -160,12 +160,29 @@ def _input_folder(tmp, nb, name, files):
     return folder
 
 
-def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_sandbox=True):
+def salt_from_env():
+    """The grading run's secret input salt (``BNGRADE_SALT``, set by ``bngrade grade``), or None."""
+    value = os.environ.get("BNGRADE_SALT")
+    return int(value) if value else None
+
+
+@contextmanager
+def salted(salt):
+    """The public input builders draw with ``salt`` (:data:`bncapture.cases.SALT`) inside this block."""
+    before, cases.SALT = cases.SALT, salt
+    try:
+        yield
+    finally:
+        cases.SALT = before
+
+
+def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_sandbox=True, salt=None):
     """Run the notebook and the probes of ``nb`` in two fresh sandboxes at once (one run each).
 
     Args:
         nb: the sanitized notebook (test cells as the instructor wrote them).
         settings: keyword arguments of nbgrader's Execute (timeout, interrupt_on_timeout, error_on_timeout).
+        salt: the grading run's secret input salt, sent to the probes (the judge draws with the same one).
 
     Returns:
         (executed notebook or None, notebook status, probe status, {cell: records}, limits exceeded).
@@ -177,7 +194,8 @@ def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_
             plan[grade_id(cell)] = check_keys(cell)
             cell.source = without_hidden(cell)
     cell_seconds = float(settings.get("timeout") or 120)
-    probe_plan = {"cells": plan, "probe_seconds": cell_seconds, "cell_seconds": cell_seconds, "isolate": not gpu}
+    probe_plan = {"cells": plan, "probe_seconds": cell_seconds, "cell_seconds": cell_seconds, "isolate": not gpu,
+                  "salt": salt}
 
     def stage(module, source, files, hide=()):
         with tempfile.TemporaryDirectory(prefix="bngrade-in-") as tmp:
@@ -213,7 +231,7 @@ class SandboxedExecute(Execute):
         assignment = resources.get("nbgrader", {}).get("assignment", "")
         options = {"limits": limits_from_env(), "gpu": os.environ.get("BNGRADE_GPU") == "1",
                    "extra_ro": [p for p in os.environ.get("BNGRADE_SANDBOX_PYTHONPATH", "").split(os.pathsep) if p],
-                   "use_sandbox": os.environ.get("BNGRADE_NO_SANDBOX") != "1"}
+                   "use_sandbox": os.environ.get("BNGRADE_NO_SANDBOX") != "1", "salt": salt_from_env()}
         executed, status, probe_status, records, _ = execute(nb, name, assignment, settings, **options)
         ran = _merge_outputs(nb, executed)
         resources["bngrade"] = {"status": status, "probe_status": probe_status, "records": records, "ran": ran,
@@ -288,7 +306,7 @@ class Judge(NbGraderPreprocessor):
         problems += [p for p in _limit_problems(nb, limits_from_env()) if p not in " ".join(problems)]
         notes = "; ".join(f"cell {cell!r} stopped at {what}" for cell, what in info["probe_status"]["cells"].items()
                           if cell in {grade_id(c) for c in nb.cells if is_answer_cell(c)})
-        with memory_limit(JUDGE_MEMORY):
+        with memory_limit(JUDGE_MEMORY), salted(salt_from_env()):
             for cell in nb.cells:
                 if not is_test_cell(cell):
                     continue

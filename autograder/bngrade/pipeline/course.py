@@ -44,6 +44,20 @@ class Course:
     def path(self, *parts):
         return self.root.joinpath(*parts)
 
+    def salt(self):
+        """The course's secret input salt (``.bngrade/salt``, made once; ``BNGRADE_SALT`` overrides it): graded
+        inputs are drawn with it, so that the public probes' inputs cannot be answered ahead."""
+        if os.environ.get("BNGRADE_SALT"):
+            return int(os.environ["BNGRADE_SALT"])
+        path = self.path(".bngrade", "salt")
+        if not path.exists():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(secrets.randbits(62)))
+            path.chmod(0o600)
+        return int(path.read_text())
+
     def nbgrader(self, *args, timeout=None, env=None):
         """Run ``nbgrader ARGS`` in the course directory.
 

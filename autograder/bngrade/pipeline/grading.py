@@ -90,7 +90,7 @@ def default_limits(assignment):
 
 def run_env(course, assignment, limits, sandboxed=True):
     """Environment of one grading run's nbgrader processes: where the reports go, the limits, the GPU."""
-    env = {"BNGRADE_WORK": str(course.path(".bngrade", assignment)),
+    env = {"BNGRADE_WORK": str(course.path(".bngrade", assignment)), "BNGRADE_SALT": str(course.salt()),
            "BNGRADE_LIMITS": json.dumps(asdict(limits)),
            "BNGRADE_GPU": "1" if assignment in GPU_ASSIGNMENTS else "0"}
     if not sandboxed:
