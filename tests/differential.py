@@ -37,3 +37,39 @@ def lost_cells(assignment, namespace):
             lost.add(cell.metadata["nbgrader"]["grade_id"])
             messages.append(str(err))
     return lost, messages
+
+
+def loses_its_cells(assignment, spec, namespace):
+    """Assert that ``namespace``, the roster submission ``spec`` of ``assignment`` (tests/class_roster.py), loses
+    exactly the cells ``spec["lose"]`` to its hidden checks, one of them with a message containing ``spec["says"]``."""
+    lost, messages = lost_cells(assignment, namespace)
+    assert lost == spec.get("lose", set()), messages
+    if "says" in spec:
+        assert any(spec["says"] in message for message in messages), messages
+
+
+def submission(assignment, *sources, spec=None, **objects):
+    """The namespace of the roster submission ``spec`` of ``assignment`` (``replace``: {grade id: [(old, new)]},
+    ``override``: {grade id: source}; default: the solved source): the setup cell, then each answer cell (one that
+    raises NotImplementedError, as released, defines nothing), then ``objects`` and ``sources`` (a student's code
+    that redefines some of its names)."""
+    import textwrap
+
+    from submissions import solution_cells
+
+    spec = spec or {}
+    namespace = {}
+    exec(next(c.source for c in jupytext.read(SOURCES / f"{assignment}.md").cells
+              if c.metadata.get("nbgrader", {}).get("grade_id") == "setup"), namespace)
+    for grade_id, source in solution_cells(assignment).items():
+        for old, new in spec.get("replace", {}).get(grade_id, []):
+            assert old in source, f"mutant text {old!r} not found in cell {grade_id}"
+            source = source.replace(old, new)
+        try:
+            exec(spec.get("override", {}).get(grade_id, source), namespace)
+        except NotImplementedError:
+            pass
+    namespace.update(objects)
+    for source in sources:
+        exec(textwrap.dedent(source), namespace)
+    return namespace

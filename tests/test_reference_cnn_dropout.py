@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bnref
-from bngrade.verdicts.ch06 import random_images
+from bncapture.ch06 import random_images
 from bnref.spatial import nchw_to_rows, rows_to_nchw
 from twins import lockstep, torch_twin
 

@@ -1,48 +1,23 @@
-"""Hidden tests of chapter 3, *Batch norm backward in NumPy*.
+"""Verdicts of chapter 3, *Batch norm backward in NumPy* (probes: :mod:`bncapture.ch03`).
 
-Students choose their own cache format, so a backward pass is graded through
-the student's own ``batchnorm_forward``: its cache goes into the student's
-backward, and the gradients are compared with ``bnref``'s for the same inputs
-(several shapes and eps, float64 and float32, always a random upstream
-gradient: a constant one gives dx = 0 and hides bugs). The known mistakes are
-written as variants of the closed form
+Students choose their own cache format, so a backward pass is probed through the student's own
+``batchnorm_forward``: its cache goes into the student's backward inside the sandbox, and the gradients that
+come back are compared with ``bnref``'s on the grader's own copy of the inputs (several shapes and eps, float64
+and float32, always a random upstream gradient: a constant one gives dx = 0 and hides bugs). No verdict looks
+into a cache. The known mistakes are written as variants of the closed form
 
     dx = gamma * (a * (dout - mean(dout)) - b * xmu * mean(dout * xmu))
 
-(a = rstd, b = rstd**3 when correct, xmu = x - mean), with one path or one
-factor changed.
+(a = rstd, b = rstd**3 when correct, xmu = x - mean), with one path or one factor changed.
 """
 import numpy as np
 
 import bnref
-from bncapture import functions
+from bncapture import ch03 as probes
+from bncapture.cases import Case, first
 
+from bngrade.judge.compare import Mistake, close, compare, inputs_unchanged
 from bngrade.verdicts import ch02
-from bngrade.judge.compare import Case, Mistake, check_inputs_unchanged, check_not_reference, close, compare, random_matrix
-
-BACKWARD_SHAPES = [((2, 3), 1e-5), ((7, 5), 1e-3), ((64, 33), 0.1), ((129, 1), 1e-5)]
-
-
-def _backward_cases(seed=31):
-    """Cases (x, gamma, beta, eps, dout); the last two make eps matter and test a constant feature."""
-    rng = np.random.default_rng(seed)
-    cases = []
-
-    def add(x, eps, what):
-        d = x.shape[1]
-        gamma = rng.uniform(0.5, 2.0, d).astype(x.dtype)
-        beta = rng.normal(0.0, 1.0, d).astype(x.dtype)
-        dout = rng.standard_normal(x.shape).astype(x.dtype)
-        cases.append(Case((x, gamma, beta, eps, dout), f"x {x.shape} {x.dtype.name}{what}, eps={eps}, random dout"))
-
-    for dtype in (np.float64, np.float32):
-        for shape, eps in BACKWARD_SHAPES:
-            add(random_matrix(rng, shape, dtype), eps, "")
-    add(1e-3 * random_matrix(rng, (32, 6), np.float64), 1e-5, " with std ~ 1e-3")
-    x = random_matrix(rng, (16, 4), np.float64)
-    x[:, 2] = 1.5
-    add(x, 1e-5, " whose feature 2 is constant")
-    return cases
 
 
 def _variant(x, gamma, eps, dout, mean_w=1.0, var_w=1.0, dx_w=1.0, free_a=False, free_b=0, free_dgamma=False,
@@ -121,64 +96,65 @@ BACKWARD_MISTAKES = [
 ]
 
 
-def forward_then_backward(forward, backward):
-    """``run(x, gamma, beta, eps, dout)``: ``backward(dout, cache)`` with the cache of ``forward``.
-
-    The graded functions are listed in ``graded_parts``, so compare's check for
-    the reference package looks at them.
-    """
-    def run(x, gamma, beta, eps, dout):
-        _, cache = forward(x, gamma, beta, eps)
-        return backward(dout, cache)
-
-    run.graded_parts = (forward, backward)
-    return run
+def _reference(x, gamma, beta, eps, dout):
+    """(dx, dgamma, dbeta) of ``bnref``'s backward on the cache of ``bnref``'s forward."""
+    return bnref.batchnorm_backward(dout, bnref.batchnorm_forward(x, gamma, beta, eps)[1])
 
 
-REFERENCE = forward_then_backward(bnref.batchnorm_forward, bnref.batchnorm_backward)
-
-
-def _check_forward_first(forward, cases, name):
+def _forward_first(r, cases, name):
     """The backward is graded with the student's cache: name a wrong forward pass before anything else."""
     forward_cases = [Case(case.args[:4], case.label) for case in cases]
     try:
-        compare(forward, bnref.batchnorm_forward, forward_cases, "batchnorm_forward", ch02.FORWARD_MISTAKES,
-                pick=lambda result: result[0])
+        compare(r, "fwd", bnref.batchnorm_forward, forward_cases, "batchnorm_forward", ch02.FORWARD_MISTAKES,
+                pick=first)
     except AssertionError as err:
         raise AssertionError(f"{name} is graded with the cache of your batchnorm_forward, which is not right "
                              f"yet: {err}") from None
 
 
-def check_batchnorm_backward(forward, backward, name="batchnorm_backward"):
-    """Hidden test of ``batchnorm_backward(dout, cache) -> (dx, dgamma, dbeta)`` (staged or closed form).
+def _read(r, key, like, name, label):
+    """The record at ``key`` read as ``like``, or None when it does not have exactly that structure."""
+    try:
+        return r.get(key, like, name, label)
+    except AssertionError:
+        return None
 
-    ``cache`` comes from the student's ``forward``; any correct backward passes,
-    whichever form it takes.
-    """
-    check_not_reference(forward, "batchnorm_forward")
-    cases = _backward_cases()
-    _check_forward_first(forward, cases, name)
-    student = forward_then_backward(forward, backward)
+
+def _name_by_shape(r, cases, name):
+    """A result that does not have the reference's shapes may have exactly those of a known mistake, such as
+    gradients not summed over the batch (N, D) instead of (D,): read it as that mistake's and name it."""
+    for index, case in enumerate(cases):
+        key = f"case{index}"
+        if _read(r, key, _reference(*case.args), name, case.label) is not None:
+            continue
+        for mistake in BACKWARD_MISTAKES:
+            wrong = mistake.fn(*case.args)
+            got = _read(r, key, wrong, name, case.label)
+            if got is not None and close(got, wrong, case.args[0].dtype):
+                raise AssertionError(f"{name}: {mistake.message} (input: {case.label})")
+
+
+def _backward(r, name):
+    """``name(dout, cache) -> (dx, dgamma, dbeta)`` on the cache of the student's forward; dout left intact."""
+    cases = probes.backward_cases()
+    _forward_first(r, cases, name)
     with np.errstate(all="ignore"):
-        compare(student, REFERENCE, cases, name, BACKWARD_MISTAKES)
-    check_inputs_unchanged(student, cases[:3], name)
+        _name_by_shape(r, cases, name)
+        compare(r, "case", _reference, cases, name, BACKWARD_MISTAKES)
+    inputs_unchanged(r, "case", [Case((case.args[4],), case.label) for case in cases], name)
+
+
+def batchnorm_backward(r):
+    """The staged backward (any correct form passes)."""
+    _backward(r, "batchnorm_backward")
+
+
+def batchnorm_backward_alt(r):
+    """The closed-form backward (any correct form passes)."""
+    _backward(r, "batchnorm_backward_alt")
 
 
 # Eval mode: the running statistics are constants.
-
-def _inference_backward_cases(seed=32):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for shape, eps in zip([(9, 6), (50, 17), (1, 4)], (1e-5, 0.1, 1e-3)):
-            d = shape[1]
-            x = random_matrix(rng, shape, dtype)
-            params = [rng.uniform(0.5, 2.0, d), rng.normal(size=d), rng.uniform(0.05, 2.0, d)]
-            dout = rng.standard_normal(shape).astype(dtype)
-            cases.append(Case((dout, x, *(p.astype(dtype) for p in params), eps),
-                              f"x {shape} {np.dtype(dtype).name}, eps={eps}, random dout"))
-    return cases
-
 
 def _eval_variant(dout, x, gamma, rm, rv, eps, free=False, free_dgamma=False, with_gamma=True):
     dout, x = np.asarray(dout, dtype=np.float64), np.asarray(x, dtype=np.float64)
@@ -221,37 +197,16 @@ INFERENCE_BACKWARD_MISTAKES = [
 ]
 
 
-def check_batchnorm_inference_backward(student):
-    """Hidden test of ``batchnorm_inference_backward(dout, x, gamma, running_mean, running_var, eps)``."""
-    cases = _inference_backward_cases()
+def batchnorm_inference_backward(r):
+    """``batchnorm_inference_backward(dout, x, gamma, running_mean, running_var, eps)``; inputs intact."""
+    cases = probes.inference_backward_cases()
     with np.errstate(all="ignore"):
-        compare(student, bnref.batchnorm_inference_backward, cases, "batchnorm_inference_backward",
+        compare(r, "case", bnref.batchnorm_inference_backward, cases, "batchnorm_inference_backward",
                 INFERENCE_BACKWARD_MISTAKES)
-    check_inputs_unchanged(student, cases, "batchnorm_inference_backward")
+    inputs_unchanged(r, "case", cases, "batchnorm_inference_backward")
 
 
 # Gradient checking
-
-def _gradcheck_cases(seed=33):
-    """Test functions f of :mod:`bncapture.functions` (public: the sandbox builds them from their names), among
-    them f = identity and f = transpose, whose results are x itself or a view of it."""
-    rng = np.random.default_rng(seed)
-    w, a = rng.normal(size=(3, 4)), rng.normal(size=(4, 2))
-    return [
-        Case((functions.SinTimes(w), rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), 1e-5),
-             "f(x) = sin(x) * w, x (3, 4), h=1e-5"),
-        Case((functions.MatMul(a), rng.normal(size=(5, 4)), rng.normal(size=(5, 2)), 1e-5),
-             "f(x) = x @ A, x (5, 4), f(x) (5, 2), h=1e-5"),
-        Case((functions.Cube(), rng.normal(size=6), rng.normal(size=6), 1e-2), "f(x) = x**3, x (6,), h=1e-2"),
-        Case((functions.ColumnSoftmax(rng.uniform(0.5, 2.0, 3)), random_matrix(rng, (6, 3), np.float64),
-              rng.normal(size=(6, 3)), 1e-5),
-             "f(x) = softmax over the batch axis of x (6, 3), times w, h=1e-5"),
-        Case((functions.Identity(), rng.normal(size=(4, 3)), rng.normal(size=(4, 3)), 1e-5),
-             "f(x) = x itself (no copy), x (4, 3), h=1e-5"),
-        Case((functions.Transpose(), rng.normal(size=(2, 5)), rng.normal(size=(5, 2)), 1e-5),
-             "f(x) = x.T (a view of x), x (2, 5), h=1e-5"),
-    ]
-
 
 def _differences(f, x, df, h, lo=-1.0, hi=1.0, denom=2.0, weighted=True, restore=True, copy=True):
     """sum((f(x + hi*h e_i) - f(x + lo*h e_i)) * df) / (denom * h) per coordinate i, with variations."""
@@ -293,25 +248,11 @@ GRADCHECK_MISTAKES = [
 ]
 
 
-def check_eval_numerical_gradient(student):
-    """Hidden test of ``eval_numerical_gradient(f, x, df, h=1e-5)``."""
-    cases = _gradcheck_cases()
-    compare(student, bnref.eval_numerical_gradient, cases, "eval_numerical_gradient", GRADCHECK_MISTAKES)
-    check_inputs_unchanged(student, cases, "eval_numerical_gradient")
-
-
-def _rel_error_cases(seed=34):
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(5, 4))
-    return [
-        Case((np.array([3.0, 0.5]), np.array([1.5, 0.1])), "a, b (2,) of different sizes"),
-        Case((a, a + 1e-6 * rng.normal(size=a.shape)), "a (5, 4), b = a + 1e-6 noise"),
-        Case((a * 10.0 ** rng.integers(-3, 4, a.shape), rng.normal(size=a.shape)), "unrelated a, b (5, 4), "
-             "magnitudes 1e-3..1e3"),
-        Case((np.array([0.0, 1.0, -2.0, 3.0]), np.array([0.0, 1.5, -2.0, 2.0])), "a, b (4,) with a shared 0"),
-        Case((np.array([1e-9, 5.0]), np.array([0.0, 5.5])), "a, b (2,) with entries near 0"),
-        Case((np.array([2.0, -1.0]), np.array([-2.0, -1.0])), "a, b (2,) with opposite signs"),
-    ]
+def eval_numerical_gradient(r):
+    """``eval_numerical_gradient(f, x, df, h=1e-5)``; x and df intact."""
+    cases = probes.gradcheck_cases()
+    compare(r, "case", bnref.eval_numerical_gradient, cases, "eval_numerical_gradient", GRADCHECK_MISTAKES)
+    inputs_unchanged(r, "case", cases, "eval_numerical_gradient")
 
 
 def _elementwise_error(a, b, denominator):
@@ -341,76 +282,80 @@ REL_ERROR_MISTAKES = [
 ]
 
 
-def check_rel_error(student):
-    """Hidden test of ``rel_error(a, b)``: a float, 0 for equal inputs, never nan."""
-    check_not_reference(student, "rel_error")
+def rel_error(r):
+    """``rel_error(a, b)``: a float, 0 for two arrays of zeros (never nan), then every case."""
+    for what in probes.ZEROS:
+        value = r.get(what, 0.0, "rel_error", what)
+        if not np.isfinite(value) or value != 0.0:
+            raise AssertionError(f"rel_error of {what} is {value}, not 0: floor the denominator "
+                                 "at 1e-8, max(1e-8, |a| + |b|), so that 0 / 0 cannot happen")
     with np.errstate(all="ignore"):
-        for a in (np.zeros(3), np.zeros((2, 2))):
-            try:
-                value = float(student(a, a.copy()))
-            except NotImplementedError:
-                raise AssertionError("rel_error is not implemented yet.") from None
-            except Exception as exc:
-                raise AssertionError(f"rel_error raised {type(exc).__name__}: {exc} for two arrays of zeros") from None
-            if not np.isfinite(value) or value != 0.0:
-                raise AssertionError(f"rel_error of two arrays of zeros is {value}, not 0: floor the denominator "
-                                     "at 1e-8, max(1e-8, |a| + |b|), so that 0 / 0 cannot happen")
-        compare(student, bnref.rel_error, _rel_error_cases(), "rel_error", REL_ERROR_MISTAKES,
-                pick=lambda value: np.float64(value), tol=(1e-9, 1e-15))
+        compare(r, "case", bnref.rel_error, probes.rel_error_cases(), "rel_error", REL_ERROR_MISTAKES, pick=float,
+                tol=(1e-9, 1e-15))
 
 
 # The layer
 
-def check_batchnorm1d_backward(student_cls):
-    """Hidden test: ``BatchNorm1d`` forward (as in chapter 2), then its backward in lockstep with torch.
+LAYER = "BatchNorm1d"
+LAYER_EPS = 1e-5  # the locked default of BatchNorm1d(num_features, eps=1e-5, momentum=0.1), which the probe keeps
 
-    ``backward(dout)`` returns dx and sets ``dgamma`` and ``dbeta``, in the mode of the forward before it.
-    """
+
+def _torch_gradients(d, momentum, gamma, beta, steps):
+    """[(dx, dgamma, dbeta)] of ``torch.nn.BatchNorm1d`` stepped through ``steps`` [(mode, x, dout)], forward
+    and backward, from the grader's own gamma, beta, inputs and upstream gradients."""
     import torch
 
-    ch02.check_batchnorm1d(student_cls)
-    rng = np.random.default_rng(35)
-    for n, d, momentum in [(8, 3, 0.1), (20, 6, 0.5)]:
-        layer = student_cls(d, momentum=momentum)
-        layer.gamma, layer.beta = rng.uniform(0.5, 2.0, d), rng.normal(size=d)
-        ref = torch.nn.BatchNorm1d(d, momentum=momentum, dtype=torch.float64)
-        with torch.no_grad():
-            ref.weight.copy_(torch.from_numpy(layer.gamma))
-            ref.bias.copy_(torch.from_numpy(layer.beta))
-        for step, mode in enumerate(["train", "train", "eval", "train", "eval", "eval"]):
-            getattr(layer, mode)()
-            getattr(ref, mode)()
-            x, dout = random_matrix(rng, (n, d), np.float64), rng.standard_normal((n, d))
-            where = f"step {step} ({mode} mode), x ({n}, {d}), random dout"
-            got = _layer_step(layer, x, dout, where)
-            ref.zero_grad()
-            xt = torch.from_numpy(x).requires_grad_()
-            ref(xt).backward(torch.from_numpy(dout))
-            expected = (xt.grad.numpy(), ref.weight.grad.numpy(), ref.bias.grad.numpy())
-            if not close(got, expected, np.float64, tol=(1e-6, 1e-8)):
-                _diagnose_layer(layer, x, dout, got, mode, where)
+    ref = torch.nn.BatchNorm1d(d, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(gamma))
+        ref.bias.copy_(torch.from_numpy(beta))
+    found = []
+    for mode, x, dout in steps:
+        getattr(ref, mode)()
+        ref.zero_grad()
+        xt = torch.tensor(x, requires_grad=True)
+        ref(xt).backward(torch.tensor(dout))
+        found.append((xt.grad.numpy(), ref.weight.grad.numpy().copy(), ref.bias.grad.numpy().copy()))
+    return found
 
 
-def _layer_step(layer, x, dout, where):
-    """One forward and backward of the student's layer: (dx, dgamma, dbeta)."""
-    try:
-        layer.forward(x)
-        dx = layer.backward(dout)
-    except NotImplementedError:
-        raise AssertionError("BatchNorm1d.backward is not implemented yet.") from None
-    except Exception as exc:
-        raise AssertionError(f"BatchNorm1d raised {type(exc).__name__}: {exc} at {where}") from None
-    grads = (dx, getattr(layer, "dgamma", None), getattr(layer, "dbeta", None))
-    if any(g is None for g in grads):
-        raise AssertionError(f"BatchNorm1d.backward must return dx and set self.dgamma and self.dbeta ({where})")
-    return grads
+def _layer_gradients(r, key, expected, where):
+    """(dx, dgamma, dbeta) recorded at one step, shaped like ``expected``; a missing one is named."""
+    name = f"{LAYER}.backward"
+    got = []
+    for what, like in zip(("dx", "dgamma", "dbeta"), expected):
+        record = r.record(f"{key}.{what}", name, where)
+        if (what != "dx" and "error" in record) or record.get("value", 0) is None:
+            raise AssertionError(f"{name} must return dx and set self.dgamma and self.dbeta ({where})")
+        got.append(r.get(f"{key}.{what}", like, name if what == "dx" else f"{LAYER}.{what}", where))
+    return tuple(got)
 
 
-def _diagnose_layer(layer, x, dout, got, mode, where):
-    if mode == "eval" and close(got[0], _variant(x, layer.gamma, layer.eps, dout)[0]):
-        raise AssertionError(f"BatchNorm1d.backward: after an eval-mode forward it uses the training-mode gradient; "
+def _diagnose_layer(dx, x, gamma, dout, mode, where):
+    """Name the mode mix-ups of a layer whose gradients differ from torch's."""
+    if mode == "eval" and close(dx, _variant(x, gamma, LAYER_EPS, dout)[0]):
+        raise AssertionError(f"{LAYER}.backward: after an eval-mode forward it uses the training-mode gradient; "
                              f"{EVAL_THROUGH_STATS} ({where})")
-    if mode == "train" and close(got[0], _variant(x, layer.gamma, layer.eps, dout, mean_w=0.0, var_w=0.0)[0]):
-        raise AssertionError("BatchNorm1d.backward: after a training-mode forward the gradient must flow through the "
+    if mode == "train" and close(dx, _variant(x, gamma, LAYER_EPS, dout, mean_w=0.0, var_w=0.0)[0]):
+        raise AssertionError(f"{LAYER}.backward: after a training-mode forward the gradient must flow through the "
                              f"batch mean and variance; yours treats them as constants ({where})")
-    raise AssertionError(f"BatchNorm1d.backward: dx, dgamma or dbeta differ from torch.nn.BatchNorm1d at {where}")
+    raise AssertionError(f"{LAYER}.backward: dx, dgamma or dbeta differ from torch.nn.BatchNorm1d at {where}")
+
+
+def batchnorm1d_backward(r):
+    """``BatchNorm1d`` forward (as in chapter 2), then forward and backward in lockstep with torch.
+
+    ``backward(dout)`` returns dx and sets ``dgamma`` and ``dbeta``, in the mode of the forward before it. The
+    expected gradients come from the grader's own dout, whatever the student's call did to its copy.
+    """
+    ch02.batchnorm1d(r)
+    for run, (n, d, momentum, gamma, beta, steps) in enumerate(probes.layer_backward_runs()):
+        r.get(f"b{run}.init", None, LAYER, f"BatchNorm1d({d}, momentum={momentum})")
+        for step, ((mode, x, dout), expected) in enumerate(zip(steps, _torch_gradients(d, momentum, gamma, beta,
+                                                                                        steps))):
+            key, where = f"b{run}.{step}", f"step {step} ({mode} mode), x ({n}, {d}), random dout"
+            r.get(f"{key}.mode", None, f"{LAYER}.{mode}", where)
+            r.get(f"{key}.forward", None, f"{LAYER}.forward", where)
+            got = _layer_gradients(r, key, expected, where)
+            if not close(got, expected, np.float64, tol=(1e-6, 1e-8)):
+                _diagnose_layer(got[0], x, gamma, dout, mode, where)

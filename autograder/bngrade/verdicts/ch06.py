@@ -1,43 +1,16 @@
-"""Hidden tests of chapter 6, *BN for CNNs*.
+"""Verdicts of chapter 6, *BN for CNNs* (probes: :mod:`bncapture.ch06`).
 
-The spatial functions are compared with ``bnref`` on fresh NCHW batches whose
-channels have very different means and scales, so that statistics taken over
-the wrong axes give clearly wrong results; the known mistakes are recomputed
-with torch (autograd gives their gradients) and named when a result matches.
+The spatial functions are compared with ``bnref`` on the grader's own copy of fresh NCHW batches whose channels
+have very different means and scales, so that statistics taken over the wrong axes give clearly wrong results;
+the known mistakes are recomputed with torch (autograd gives their gradients) and named when a result matches.
+The backward pass is probed through the student's own forward and its opaque cache.
 """
-import functools
-
 import numpy as np
 
 import bnref
+from bncapture import ch06 as probes
 
-from bngrade.judge.compare import (Case, Mistake, _call, check_dtype, check_inputs_unchanged, check_not_reference, check_rejects,
-                      compare)
-
-# Shapes chosen so that every wrong layout differs from the right one (H * W > 1, C > 1).
-SHAPES = [(2, 3, 4, 5), (6, 4, 3, 3), (3, 2, 5, 1), (16, 8, 4, 4)]
-
-
-def random_images(rng, shape, dtype):
-    """An (N, C, H, W) batch; each channel has its own mean (spread ~3) and scale (0.5..3)."""
-    n, c, h, w = shape
-    means = rng.normal(0.0, 3.0, size=(1, c, 1, 1))
-    scales = rng.uniform(0.5, 3.0, size=(1, c, 1, 1))
-    return (means + scales * rng.standard_normal(shape)).astype(dtype)
-
-
-def _cases(seed, with_dout=False):
-    rng = np.random.default_rng(seed)
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for shape, eps in zip(SHAPES, (1e-5, 1e-3, 0.1, 1e-5)):
-            c = shape[1]
-            args = (random_images(rng, shape, dtype), rng.uniform(0.5, 2.0, c).astype(dtype),
-                    rng.normal(0.0, 1.0, c).astype(dtype), eps)
-            if with_dout:
-                args += (rng.standard_normal(shape).astype(dtype),)
-            cases.append(Case(args, f"x {shape} {np.dtype(dtype).name}, eps={eps}"))
-    return cases
+from bngrade.judge.compare import Mistake, compare, inputs_unchanged, keeps_float32, rejects
 
 
 # The wrong forward passes, written with torch so that autograd also gives their gradients.
@@ -114,77 +87,51 @@ FORWARD_MISTAKES = [Mistake(message, _wrong_forward(fn)) for message, fn in WRON
 BACKWARD_MISTAKES = [Mistake(message, _wrong_backward(fn)) for message, fn in WRONG_LAYOUTS]
 
 
-def check_spatial_forward(student):
-    """Hidden test of ``spatial_batchnorm_forward(x, gamma, beta, eps) -> (out, cache)``."""
-    cases = _cases(seed=61)
-    compare(student, bnref.spatial_batchnorm_forward, cases, "spatial_batchnorm_forward", FORWARD_MISTAKES,
+def spatial_forward(r):
+    """``spatial_batchnorm_forward(x, gamma, beta, eps) -> (out, cache)``: out; inputs intact; float32 kept."""
+    name = "spatial_batchnorm_forward"
+    cases = probes.spatial_cases(probes.FORWARD_SEED)
+    compare(r, "case", bnref.spatial_batchnorm_forward, cases, name, FORWARD_MISTAKES,
             pick=lambda result: result[0])
-    check_inputs_unchanged(student, cases[:2], "spatial_batchnorm_forward")
-    check_dtype(student, cases[-1], "spatial_batchnorm_forward")
+    inputs_unchanged(r, "case", cases[:2], name)
+    last = len(cases) - 1
+    keeps_float32(r, f"case{last}", bnref.spatial_batchnorm_forward(*cases[last].args)[0], name, cases[last].label)
 
 
-def _forward_then_backward(forward, backward, x, gamma, beta, eps, dout):
-    """Run a forward pass and the backward pass of its cache: (dx, dgamma, dbeta)."""
-    try:
-        _, cache = forward(x, gamma, beta, eps)
-    except NotImplementedError:
-        raise RuntimeError("spatial_batchnorm_forward, which the backward test calls first, "
-                           "is not implemented yet") from None
-    return backward(dout, cache)
+def _forward_ran(r, key, name, label):
+    """The backward is graded with the cache of the student's forward: say so when that forward raised."""
+    error = r.raised(key, name, label)
+    if error is None:
+        return
+    what = ("is not implemented yet" if error["type"] == "NotImplementedError"
+            else f"raised {error['type']}: {error['message'][:500]}")
+    raise AssertionError(f"{name} is graded with the cache of your spatial_batchnorm_forward, which {what} "
+                         f"(input: {label})")
 
 
-def check_spatial_backward(forward, backward):
-    """Hidden test of ``spatial_batchnorm_backward(dout, cache)``, with the cache of the student's forward."""
-    check_not_reference(forward, "spatial_batchnorm_forward")
-    check_not_reference(backward, "spatial_batchnorm_backward")
-    # partial objects carry no module globals, so compare's own reference check looks at nothing of ours
-    student = functools.partial(_forward_then_backward, forward, backward)
-    reference = functools.partial(_forward_then_backward, bnref.spatial_batchnorm_forward,
-                                  bnref.spatial_batchnorm_backward)
-    compare(student, reference, _cases(seed=62, with_dout=True), "spatial_batchnorm_backward",
-            BACKWARD_MISTAKES)
-    dtype_case = _cases(seed=63, with_dout=True)[-1]
-    check_dtype(student, dtype_case, "spatial_batchnorm_backward")
+def _reference_backward(x, gamma, beta, eps, dout):
+    """(dx, dgamma, dbeta) of ``bnref``'s spatial backward on the cache of its forward."""
+    return bnref.spatial_batchnorm_backward(dout, bnref.spatial_batchnorm_forward(x, gamma, beta, eps)[1])
 
 
-def check_spatial_rejects_bad_input(student):
-    """Hidden test: an x that is not 4-D, or gamma/beta that are not (C,), raise ValueError."""
-    x = np.ones((2, 3, 4, 4))
-    x[0, :, 0, 0] = 2.0
-    g, b = np.ones(3), np.zeros(3)
-    bad = {
-        "a 2-D x (N, D)": (np.ones((5, 3)), g, b),
-        "a 3-D x (N, C, L)": (np.ones((4, 3, 5)), g, b),
-        "gamma of the wrong length": (x, np.ones(4), b),
-        "beta of the wrong length": (x, g, np.zeros(2)),
-    }
-    check_rejects(student, bad, "spatial_batchnorm_forward")
+def spatial_backward(r):
+    """``spatial_batchnorm_backward(dout, cache)`` on the cache of the student's forward; float32 kept."""
+    name = "spatial_batchnorm_backward"
+    cases = probes.spatial_cases(probes.BACKWARD_SEED, with_dout=True)
+    dtype_case = probes.spatial_cases(probes.BACKWARD_DTYPE_SEED, with_dout=True)[-1]
+    for index, case in enumerate(cases):
+        _forward_ran(r, f"fwd case{index}", name, case.label)
+    compare(r, "case", _reference_backward, cases, name, BACKWARD_MISTAKES)
+    _forward_ran(r, "fwd dtype", name, dtype_case.label)
+    keeps_float32(r, "dtype", _reference_backward(*dtype_case.args), name, dtype_case.label)
+
+
+def spatial_rejects_bad_input(r):
+    """An x that is not 4-D, or gamma/beta that are not (C,), raise ValueError."""
+    rejects(r, "bad ", probes.bad_spatial_inputs(), "spatial_batchnorm_forward")
 
 
 # Folding
-
-def _fold_cases(seed=64):
-    rng = np.random.default_rng(seed)
-    # the first shapes let the wrong-axis mistakes broadcast (C_in == C_out, kW == C_out), so they can be named
-    shapes = [((3, 3, 3, 3), True), ((6, 6, 1, 1), False), ((8, 2, 3, 8), True), ((7, 7), True), ((4, 9), False)]
-    cases = []
-    for dtype in (np.float64, np.float32):
-        for (shape, has_bias), eps in zip(shapes, (1e-5, 1e-3, 0.1, 1e-2, 1e-5)):
-            c = shape[0]
-            weight = rng.normal(0.0, 0.5, shape).astype(dtype)
-            bias = rng.normal(0.0, 1.0, c).astype(dtype) if has_bias else None
-            gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(0.0, 1.0, c)
-            mean, var = rng.normal(0.0, 2.0, c), rng.uniform(0.01, 3.0, c)
-            params = tuple(p.astype(dtype) for p in (gamma, beta, mean, var))
-            label = f"weight {shape} {np.dtype(dtype).name}, bias={'given' if has_bias else 'None'}, eps={eps}"
-            cases.append(Case((weight, bias, *params, eps), label))
-    # a float32 layer with float64 BN statistics (numpy's default dtype): the result keeps the weight's float32
-    weight, bias = rng.normal(0.0, 0.5, (5, 3, 3, 3)).astype(np.float32), rng.normal(0.0, 1.0, 5).astype(np.float32)
-    params = (rng.uniform(0.5, 2.0, 5), rng.normal(0.0, 1.0, 5), rng.normal(0.0, 2.0, 5), rng.uniform(0.01, 3.0, 5))
-    cases.append(Case((weight, bias, *params, 1e-5), "weight (5, 3, 3, 3) float32, bias given, gamma, beta, "
-                                                     "running_mean, running_var float64, eps=1e-05"))
-    return cases
-
 
 def _fold(weight, bias, gamma, beta, mean, var, eps, scale=None, axis=0, use_mean=True, scale_bias=True):
     """A folding with some of its ingredients changed, to name the usual mistakes."""
@@ -222,19 +169,21 @@ FOLD_DTYPE_MESSAGE = ("keep the dtype of weight (float32 in, float32 out): with 
                       "are float64; cast the folded weight and bias with .astype(weight.dtype)")
 
 
-def check_fold_dtype(student, cases, name="fold_batchnorm"):
-    """Both folded arrays have the weight's dtype, also when the BN parameters are float64."""
-    for case in cases:
-        weight = case.args[0]
-        got = [np.asarray(r).dtype for r in _call(student, case.args, name, case.label)]
-        if any(dtype != weight.dtype for dtype in got):
-            raise AssertionError(f"{name}: {FOLD_DTYPE_MESSAGE}; got folded weight {got[0]}, folded bias {got[1]} "
-                                 f"for a {weight.dtype} weight (input: {case.label})")
+def _fold_keeps_dtype(r, index, case, name):
+    """Both folded arrays of case ``index`` have the weight's dtype, also when the BN parameters are float64."""
+    weight = case.args[0]
+    got = [a.dtype for a in r.get(f"case{index}", bnref.fold_batchnorm(*case.args), name, case.label)]
+    if any(dtype != weight.dtype for dtype in got):
+        raise AssertionError(f"{name}: {FOLD_DTYPE_MESSAGE}; got folded weight {got[0]}, folded bias {got[1]} "
+                             f"for a {weight.dtype} weight (input: {case.label})")
 
 
-def check_fold_batchnorm(student):
-    """Hidden test of ``fold_batchnorm(weight, bias, gamma, beta, running_mean, running_var, eps)``."""
-    cases = _fold_cases()
-    compare(student, bnref.fold_batchnorm, cases, "fold_batchnorm", FOLD_MISTAKES)
-    check_inputs_unchanged(student, cases, "fold_batchnorm")
-    check_fold_dtype(student, cases[-2:])   # float32 without a bias; float32 with float64 BN parameters
+def fold_batchnorm(r):
+    """``fold_batchnorm(weight, bias, gamma, beta, running_mean, running_var, eps)``; inputs intact; the
+    weight's dtype kept (float32 without a bias; float32 with float64 BN parameters)."""
+    name = "fold_batchnorm"
+    cases = probes.fold_cases()
+    compare(r, "case", bnref.fold_batchnorm, cases, name, FOLD_MISTAKES)
+    inputs_unchanged(r, "case", cases, name)
+    for index in (len(cases) - 2, len(cases) - 1):
+        _fold_keeps_dtype(r, index, cases[index], name)
