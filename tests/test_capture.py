@@ -1,18 +1,14 @@
-"""The trust boundary's pieces: the plain-data codec, the record/replay session, the script's contents."""
+"""The trust boundary's pieces: the plain-data codec, the public package, records read by the judge."""
 import io
 import json
 
 import numpy as np
 import pytest
 
-import bnref
 from bncapture import codec
-from bncapture.runner import Runner
-from bngrade.pipeline import grading
 from bngrade import sandbox
+from bngrade.pipeline import grading
 from bngrade.pipeline.intake import Problem
-from bngrade.judge.record import record
-from bngrade.judge.remote import Diverged, NoResult, Remote, Session
 
 
 def _npz(**arrays):
@@ -39,64 +35,43 @@ def test_outcome_trees_over_the_limits_are_refused(text):
         codec.loads(text, b"")
 
 
-def _forward_session():
-    """A recorded session of one call to the solution's batchnorm_forward, and its script."""
-    namespace = {"batchnorm_forward": bnref.batchnorm_forward}
-    recorder = Session(record=namespace)
-    x = np.random.default_rng(0).normal(size=(5, 3))
-    fn = recorder.global_("batchnorm_forward")
-    fn(x, np.ones(3), np.zeros(3))
-    return ({"ops": recorder.asked}, recorder.asked_arrays), x
+def test_the_public_package_holds_no_reference_no_key_and_no_grader():
+    """What runs in the sandbox imports nothing private: no bnref, no bngrade, no answer key."""
+    import ast
+    from pathlib import Path
+
+    import bncapture
+
+    for path in Path(bncapture.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"bnref", "bngrade", "solutions"}, path.name
 
 
-def _replay(script, student):
-    """Outcomes of ``student`` (run as the sandbox would) for ``script``, and a replaying session."""
-    runner = Runner({"batchnorm_forward": student}, script[1])
-    outcomes = runner.run_all(script[0]["ops"])
-    return Session(script=script, outcomes=(outcomes, runner.out_arrays))
+def test_a_student_exception_comes_back_as_data_with_its_builtin_bases():
+    from bncapture.probe import Probe
+    from bngrade.judge.results import Results
+
+    class Custom(ValueError):
+        pass
+
+    def raises(*_):
+        raise Custom("names the shape (N, D)")
+
+    probe = Probe({"f": raises})
+    probe.call("k", probe.student("f"), 1)
+    error = Results(probe.tree(), codec.LazyArrays()).raised("k", "f", "input")
+    assert error == {"type": "Custom", "bases": ["ValueError", "Exception", "BaseException"],
+                     "message": "names the shape (N, D)"}
 
 
-def test_replay_returns_the_students_results_and_refuses_other_calls():
-    script, x = _forward_session()
-    session = _replay(script, lambda x, g, b: (x * 0 + 7, None))
-    fn = session.global_("batchnorm_forward")
-    assert isinstance(fn, Remote)
-    out, cache = fn(x, np.ones(3), np.zeros(3))
-    assert np.all(out == 7) and cache is None
-    with pytest.raises(Diverged):
-        fn(x + 1, np.ones(3), np.zeros(3))   # not in the script: another path than prepared
+def test_a_missing_record_is_not_a_pass():
+    from bngrade.judge.results import Results
 
-
-def test_a_student_exception_comes_back_as_the_same_builtin_type():
-    script, x = _forward_session()
-
-    def student(x, g, b):
-        raise ValueError("x must be (N, D)")
-
-    fn = _replay(script, student).global_("batchnorm_forward")
-    with pytest.raises(ValueError, match=r"x must be \(N, D\)"):
-        fn(x, np.ones(3), np.zeros(3))
-
-
-def test_missing_outcomes_are_not_a_pass():
-    script, x = _forward_session()
-    session = Session(script=script, outcomes=([], {}), missing="the kernel died")
-    with pytest.raises(NoResult, match="the kernel died"):
-        session.global_("batchnorm_forward")
-
-
-def test_the_sandboxs_script_holds_no_reference_output(tmp_path):
-    """What goes into the sandbox is the grader's inputs: no output of the solution, no hidden code."""
-    record("ch02_batchnorm_forward", tmp_path)
-    text = "".join(p.read_text() for p in tmp_path.glob("*.json"))
-    assert "check_" not in text and "bngrade" not in text and "Mistake" not in text
-    arrays = [a for p in tmp_path.glob("*.npz") for a in np.load(p, allow_pickle=False).values()]
-    inputs = [a for a in arrays if a.ndim == 2 and a.shape[0] >= 2]
-    assert inputs, "the script holds the hidden tests' inputs"
-    for x in inputs:
-        d = x.shape[1]
-        expected = bnref.batchnorm_forward(x, np.ones(d, x.dtype), np.zeros(d, x.dtype))[0]
-        assert not any(a.shape == expected.shape and np.allclose(a, expected) for a in arrays)
+    results = Results({"records": {}, "error": "cell 'forward' ran past the grader's time limit"}, codec.LazyArrays())
+    with pytest.raises(AssertionError, match="no result came back for input x.*time limit"):
+        results.get("case0", np.zeros(3), "batchnorm_forward", "x")
 
 
 def test_grading_is_refused_where_no_sandbox_can_be_made(tmp_path, monkeypatch):
@@ -108,18 +83,28 @@ def test_grading_is_refused_where_no_sandbox_can_be_made(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(sandbox.available() is not None, reason=f"no sandbox here: {sandbox.available()}")
 def test_the_same_runner_sees_the_repository_only_without_the_sandbox():
-    """``--no-sandbox`` runs the notebook the same way, with the grader's view; the sandbox hides the repository."""
+    """``--no-sandbox`` runs the notebook and the probes the same way, with the grader's view; the sandboxes hide
+    the repository from both."""
     import nbformat
 
     from bngrade.judge import autograde
     from bngrade.pipeline.course import REPO
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(f"import os\nprint('repo visible:', os.path.exists({str(REPO / 'solutions')!r}))")]
+    visible = f"import os\nanswer_bias = str(os.path.exists({str(REPO / 'solutions')!r}))"
+    answer = nbformat.v4.new_code_cell(visible + "\nprint('repo visible:', answer_bias)")
+    answer.metadata["nbgrader"] = {"solution": True, "grade": False, "grade_id": "answer_bias", "schema_version": 3}
+    test = nbformat.v4.new_code_cell("### BEGIN HIDDEN TESTS\nfrom bngrade.judge.check import check\n"
+                                     "check('questions.ch02_bias_before_bn', globals())\n### END HIDDEN TESTS\n")
+    test.metadata["nbgrader"] = {"solution": False, "grade": True, "grade_id": "test_bias", "points": 1,
+                                 "schema_version": 3}
+    nb.cells = [answer, test]
     seen = {}
     for boxed in (True, False):
-        executed, status, _, exceeded = autograde.execute(nb, "nb.ipynb", {}, {"timeout": 60}, sandbox.Limits(),
-                                                          use_sandbox=boxed)
-        assert status["ended"] == "ok" and not exceeded, status
-        seen[boxed] = executed.cells[0].outputs[0]["text"].strip()
-    assert seen == {True: "repo visible: False", False: "repo visible: True"}
+        executed, status, probed, records, exceeded = autograde.execute(
+            nb, "nb.ipynb", "ch02_batchnorm_forward", {"timeout": 60}, sandbox.Limits(), use_sandbox=boxed)
+        assert status["ended"] == probed["ended"] == "ok" and not exceeded, (status, probed)
+        tree, _ = records["test_bias"]
+        seen[boxed] = (executed.cells[0].outputs[0]["text"].strip(),
+                       tree["questions.ch02_bias_before_bn"]["records"]["answer"]["value"])
+    assert seen == {True: ("repo visible: False", "False"), False: ("repo visible: True", "True")}

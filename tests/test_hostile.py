@@ -38,11 +38,13 @@ def attacks(course, home):
                            "IPython internals"),
         "fake-capture": ("import sys, types\nfake = types.ModuleType('bncapture')\nfake.capture = lambda *a: None\n"
                          "sys.modules['bncapture'] = fake", "sys.modules"),
-        "forged-outcomes": ("import os, json\nos.makedirs('.bncapture/out', exist_ok=True)\n"
-                            "for cell in os.listdir('.bncapture/script'):\n"
-                            "    if cell.endswith('.json'):\n"
-                            "        json.dump({'outcomes': [], 'complete': True}, open('.bncapture/out/' + cell, 'w'))\n",
-                            "accesses files"),
+        "forged-records": ("import io, json, os, zipfile\nbuf = io.BytesIO()\n"
+                           "with zipfile.ZipFile(buf, 'w') as zf:\n"
+                           "    zf.writestr('status.json', json.dumps({'ended': 'ok', 'cells': {}}))\n"
+                           "    for cell in ['test_forward', 'test_bad_input', 'test_batchnorm1d']:\n"
+                           "        zf.writestr('out/' + cell + '.json', json.dumps({}))\n"
+                           "for fd in range(3, 64):\n    try:\n        os.write(fd, buf.getvalue())\n"
+                           "    except OSError:\n        pass\nos._exit(0)", "accesses files"),
         "solved-notebook": (f"import glob\nfor p in glob.glob('/**/*.ipynb', recursive=True) + "
                             f"glob.glob({c!r} + '/**/*.ipynb', recursive=True):\n"
                             "    if 'BEGIN SOLUTION' in open(p, errors='ignore').read():\n"
@@ -64,6 +66,33 @@ def attacks(course, home):
                         "    return torch.nn.functional.batch_norm(t(x), None, None, t(gamma), t(beta), True, 0.1,\n"
                         "                                          eps).numpy(), None\n"
                         "batchnorm_forward = _bn", "framework op batch_norm"),
+        # the framework under other names, and a results bomb against the judge's memory
+        "star-import": ("from torch.nn.functional import *\nimport torch\n"
+                        "def batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+                        "    t = torch.from_numpy\n"
+                        "    return batch_norm(t(x), None, None, t(gamma), t(beta), True, 0.1, eps).numpy(), None",
+                        "framework op batch_norm"),
+        "native-op": ("import torch\ndef batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+                      "    t = torch.from_numpy\n"
+                      "    return torch.native_batch_norm(t(x), t(gamma), t(beta), None, None, True, 0.1, eps)[0]"
+                      ".numpy(), None", "framework op native_batch_norm"),
+        "attrgetter": ("import operator\nimport torch\nimport torch.nn.functional as F\n"
+                       "def batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+                       "    t = torch.from_numpy\n"
+                       "    return operator.attrgetter('batch_norm')(F)(t(x), None, None, t(gamma), t(beta), True,"
+                       " 0.1, eps).numpy(), None", "framework op batch_norm"),
+        "huge-result": ("import numpy as np\ndef batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+                        "    return np.zeros((8_000_000, 1, 1)), None", "shape (8000000, 1, 1), expected"),
+        # a layer that computes nothing but shows the judge what it reads back (in the layer's own cell)
+        "lazy-layer": ("import numpy as np\nclass BatchNorm1d:\n    def __init__(self, d, eps=1e-5, momentum=0.1):\n"
+                       "        self.d = d\n"
+                       "    gamma = property(lambda s: np.zeros(s.d), lambda s, v: None)\n"
+                       "    beta = property(lambda s: np.zeros(s.d), lambda s, v: None)\n"
+                       "    running_mean = property(lambda s: np.zeros((0, s.d)))\n"
+                       "    running_var = running_mean\n"
+                       "    def train(self):\n        return self\n    def eval(self):\n        return self\n"
+                       "    def forward(self, x):\n        return np.zeros_like(x)", "differs from torch",
+                       "batchnorm1d"),
         # damage to classmates, the course, the grader's code and HOME
         "overwrite-classmates": (f"import glob\nfor p in glob.glob({c!r} + '/submitted/*/*/*.ipynb'):\n"
                                  "    open(p, 'w').write('{}')", "accesses files"),
@@ -72,7 +101,7 @@ def attacks(course, home):
                           "    d = os.path.join(h, '.ipython/profile_default/startup')\n"
                           "    os.makedirs(d, exist_ok=True)\n"
                           "    open(os.path.join(d, '00-cheat.py'), 'w').write('CHEATED = True')", "accesses files"),
-        "rewrite-grader": (f"open({repo + '/autograder/bngrade/compare.py'!r}, 'a').write('\\nCHEATED = True\\n')",
+        "rewrite-grader": (f"open({repo + '/autograder/bngrade/judge/compare.py'!r}, 'a').write('\\nCHEATED = True\\n')",
                            "accesses files"),
         "network": ("import socket\ns = socket.create_connection(('127.0.0.1', PORT), timeout=2)\ns.sendall(b'leak')",
                     "network"),
@@ -90,8 +119,23 @@ def attacks(course, home):
     }
 
 
-def _first_answer_cell(nb):
-    return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution"))
+#: a cell added by the student (no nbgrader metadata) that redefines the graded function with the framework
+EXTRA_CELL = ("import torch\ndef batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+              "    t = torch.from_numpy\n"
+              "    return torch.nn.functional.batch_norm(t(x), None, None, t(gamma), t(beta), True, 0.1, eps)"
+              ".numpy(), None")
+#: correct answers written differently from the solution: full marks, no flag
+CS231N_FORWARD = ("def batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
+                  "    if x.ndim != 2 or x.shape[0] < 2 or gamma.shape != (x.shape[1],) or beta.shape != gamma.shape:\n"
+                  "        raise ValueError('x must be (N, D) with N >= 2, gamma and beta (D,)')\n"
+                  "    mu = x.mean(axis=0, keepdims=True)\n    var = ((x - mu) ** 2).mean(axis=0, keepdims=True)\n"
+                  "    x_hat = (x - mu) / np.sqrt(var + eps)\n"
+                  "    return (gamma * x_hat + beta).astype(x.dtype), (x, x_hat, mu, var, gamma, beta, eps)\n")
+
+
+def _answer_cell(nb, grade_id=None):
+    return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")
+                and grade_id in (None, c.metadata["nbgrader"].get("grade_id")))
 
 
 def _digest(paths):
@@ -125,12 +169,16 @@ def hostile(course, tmp_path_factory, monkeypatch_module):
     folder = tmp_path_factory.mktemp("hostile")
     released = course.path("release", ASSIGNMENT, f"{ASSIGNMENT}.ipynb")
     plan = attacks(course, str(home))
-    for student, (source, _) in plan.items():
+    for student, (source, _, *cell) in plan.items():
         nb = nbformat.read(released, as_version=4)
-        _first_answer_cell(nb).source = source.replace("PORT", str(port))
+        _answer_cell(nb, *cell).source = source.replace("PORT", str(port))
         target = folder / student / f"{ASSIGNMENT}.ipynb"
         target.parent.mkdir(parents=True)
         nbformat.write(nb, target)
+    extra = nbformat.read(released, as_version=4)   # blank answers, and a framework forward in a cell of its own
+    extra.cells.insert(extra.cells.index(_answer_cell(extra)) + 1, nbformat.v4.new_code_cell(EXTRA_CELL))
+    (folder / "extra-cell").mkdir()
+    nbformat.write(extra, folder / "extra-cell" / f"{ASSIGNMENT}.ipynb")
     tamper = nbformat.read(released, as_version=4)
     for cell in tamper.cells:  # test cells emptied and given 100 points: nbgrader restores them
         meta = cell.metadata.get("nbgrader", {})
@@ -143,6 +191,9 @@ def hostile(course, tmp_path_factory, monkeypatch_module):
     nbformat.write(empty, folder / "empty" / f"{ASSIGNMENT}.ipynb")
     (folder / "zz-honest").mkdir()
     make_submission(released, ASSIGNMENT, folder / "zz-honest" / f"{ASSIGNMENT}.ipynb")
+    (folder / "zz-cs231n").mkdir()
+    make_submission(released, ASSIGNMENT, folder / "zz-cs231n" / f"{ASSIGNMENT}.ipynb",
+                    cell_override={"batchnorm_forward": CS231N_FORWARD})
     (folder / "old-format").mkdir()
     old = nbformat.convert(nbformat.read(released, as_version=4), 3)
     (folder / "old-format" / f"{ASSIGNMENT}.ipynb").write_text(nbformat.writes(old, version=3))
@@ -174,16 +225,27 @@ def _scores(course):
 
 def test_no_attack_gains_a_point(hostile, course):
     scores = _scores(course)
-    for student in hostile["plan"]:
+    for student in [*hostile["plan"], "tamper", "extra-cell"]:
         assert scores[student] == 0, f"{student} scored {scores[student]}: {hostile['report'][student]}"
-    assert scores["tamper"] == 0
 
 
-def test_the_honest_student_graded_after_them_keeps_full_marks(hostile, course):
+def _flags(course):
+    flags = {}
+    with course.path("flags.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            if row["assignment"] == ASSIGNMENT:
+                flags.setdefault(row["student_id"], []).append(f"{row['cell']}: {row['flag']}")
+    return flags
+
+
+@pytest.mark.parametrize("student", ["zz-honest", "zz-cs231n"])
+def test_honest_students_graded_after_them_keep_full_marks_and_raise_no_flag(hostile, course, student):
+    """The solution, and a CS231n forward with another cache (which the old judge scored 0 and flagged)."""
     with Gradebook(f"sqlite:///{course.path('gradebook.db')}") as gb:
-        sub = gb.find_submission(ASSIGNMENT, "zz-honest")
+        sub = gb.find_submission(ASSIGNMENT, student)
         assert sub.score == sub.max_score > 0
-    assert hostile["report"]["zz-honest"] == []
+    assert hostile["report"][student] == []
+    assert _flags(course).get(student) is None
 
 
 def test_repository_home_and_network_are_untouched(hostile):
@@ -199,14 +261,14 @@ def test_nothing_is_left_running(hostile):
 
 
 def test_every_attack_is_reported_or_flagged_by_name(hostile, course):
-    flags = {}
-    with course.path("flags.csv").open() as fh:
-        for row in csv.DictReader(fh):
-            if row["assignment"] == ASSIGNMENT:
-                flags.setdefault(row["student_id"], []).append(row["flag"])
-    for student, (_, words) in hostile["plan"].items():
+    """In the report, in flags.csv, or in the student's feedback (where a verdict's message goes)."""
+    flags = _flags(course)
+    for student, (_, words, *_) in hostile["plan"].items():
+        feedback = course.path("feedback", student, ASSIGNMENT, f"{ASSIGNMENT}.html")
         said = " | ".join(hostile["report"].get(student, []) + flags.get(student, []))
-        assert words in said, f"{student}: {words!r} not in {said!r}"
+        said += feedback.read_text() if feedback.exists() else ""
+        assert words in said, f"{student}: {words!r} not in {said[:3000]!r}"
+    assert any("cell" in flag and "framework op batch_norm" in flag for flag in flags["extra-cell"])
     assert "none of the assignment's cells" in hostile["report"]["empty"][0]
     assert "nbformat 3" in hostile["report"]["old-format"][0]
 

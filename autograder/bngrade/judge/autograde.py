@@ -292,9 +292,11 @@ class Judge(NbGraderPreprocessor):
         info = resources["bngrade"]
         student = resources.get("nbgrader", {}).get("student", "student")
         assignment = resources.get("nbgrader", {}).get("assignment", "")
-        students = {grade_id(c) or f"cell {i}": c.source for i, c in enumerate(nb.cells) if is_students(c)}
-        banned, flags = scan(assignment, students)
-        sources = defined_sources({grade_id(c): c.source for c in nb.cells if is_answer_cell(c)})
+        answers = {grade_id(c): c.source for c in nb.cells if is_answer_cell(c)}
+        added = {f"cell {i + 1} (added)": c.source for i, c in enumerate(nb.cells)
+                 if is_students(c) and not is_answer_cell(c)}
+        banned, flags = scan(assignment, answers, added)
+        sources = defined_sources(answers)
         problems = []
         status = info["status"]
         if status.get("ended") != "ok":
