@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bnref
-from bnref.cuda import emulator, gpu, mirror
+from bnref.cuda import checks, emulator, gpu, mirror
 
 pytestmark = pytest.mark.skipif(emulator.compiler() is None,
                                 reason="no host C++ compiler: CUDA emulator not built")
@@ -202,22 +202,23 @@ def test_a_counter_that_is_not_reset_breaks_the_second_launch(cp, mutate):
 def test_a_last_chunk_not_cut_at_the_end_is_an_out_of_bounds_write(cp, mutate):
     """3*5*7*11 = 1155 values are 36 chunks of 32 and 3 more: the last block must stop at the end, not at its
     chunk's."""
-    mutate("bn_affine.cu", "end < total ? end : total}", "end}")  # chunk_share, from bn_common.cuh
+    mutate("bn_affine.cu", "hi = end < R * S ? end : R * S;", "hi = end;")  # row_windows, from bn_common.cuh
     with pytest.raises(emulator.EmulatorError, match="out-of-bounds write"):
         gpu.batchnorm_forward_gpu(cp.asarray(X), cp.ones(5), cp.zeros(5))
 
 
 def test_merging_the_partials_in_arrival_order_depends_on_the_block_order(mutate):
     """The last block merges a channel's partials in slot order, so the result is the same whichever block is last;
-    storing each partial at its arrival position instead would not be."""
-    mutate("bn_forward.cu", "        store_partial(partials, slot, v);\n        is_last",
-           "        store_partial(partials, sh.first + *counter, v);\n        is_last")
-    x = (3.0 + 2.0 * np.random.default_rng(1).standard_normal((5, 4, 1000))).astype(np.float32)
+    storing each partial at its arrival position instead would not be (on some inputs: float32 rounding
+    differs between two merge orders only now and then)."""
+    mutate("bn_forward.cu", "arrive(v, partials, sh.first + k, counters + groups + sh.first + run,",
+           "arrive(v, partials, sh.first + run + counters[groups + sh.first + run], counters + groups + sh.first + run,")
+    x = (3.0 + 2.0 * np.random.default_rng(1).standard_normal((3, 5, 4, 1000))).astype(np.float32)
     results = []
     for order in ("forward", "reverse", "shuffled"):
         backend = emulator.CupyOnCpu(order=order)
         with gpu.use_backend(backend):
-            results.append(np.concatenate(_forward_stats(backend, x, 40)))
+            results.append(np.concatenate([np.concatenate(_forward_stats(backend, xs, 40)) for xs in x]))
     assert not all(np.array_equal(results[0], r) for r in results[1:])
 
 
@@ -242,3 +243,62 @@ def test_the_kernels_do_not_depend_on_block_or_thread_order(order):
         for a, b in zip(first, second):
             assert not np.isnan(a).any()
             np.testing.assert_array_equal(a, b)
+
+
+# --- the race check (bnref.cuda.checks) sees the races that rerunning one input hides ----------------------------
+
+RACE_SHAPE, RACE_BLOCKS = (4, 5, 8, 8), 10   # 10 blocks over 5 channels of 8 chunks: every channel is merged
+
+
+def _race_check(cp, inputs, **kwargs):
+    return checks.race_free(cp, inputs, cp.ones(5), cp.zeros(5), runs=2 * len(inputs) + 2, blocks=RACE_BLOCKS,
+                            **kwargs)
+
+
+@pytest.mark.parametrize("layout,shape", [("NCHW", RACE_SHAPE), ("NHWC", (4, 8, 8, 8))])
+def test_the_race_check_passes_on_the_kernels(layout, shape):
+    cp = emulator.CupyOnCpu(pool=True)
+    with gpu.use_backend(cp):
+        inputs = checks.alternating_inputs(cp, shape, layout)
+        C = shape[1] if layout == "NCHW" else shape[-1]
+        assert checks.race_free(cp, inputs, cp.ones(C), cp.zeros(C), layout, runs=6, blocks=RACE_BLOCKS) is None
+
+
+def test_the_race_check_sees_a_partial_published_without_a_fence(mutate):
+    """Without the release fence the other blocks' partials are not yet in memory when the last block reads
+    them: it merges what the slots held. Rerunning one input, the pool hands back last run's partials, the
+    same bits, and the check is blind; with the slots poisoned (and two inputs) it fails."""
+    cp = emulator.CupyOnCpu(pool=True)
+    with gpu.use_backend(cp):
+        inputs = checks.alternating_inputs(cp, RACE_SHAPE, "NCHW")
+        assert _race_check(cp, inputs[:1]) is None            # correct kernels: the pool now holds right partials
+        mutate("bn_forward.cu", "store_partial(partials, slot * team.lanes + team.lane, v);\n        __threadfence();",
+               "store_partial(partials, slot * team.lanes + team.lane, v);")
+        assert _race_check(cp, inputs[:1], poison=False) is None, "one input, no poison: stale slots, same bits"
+        assert "NaN in y, mean, rstd" in _race_check(cp, inputs)
+
+
+def test_the_race_check_sees_a_channel_that_no_block_finalizes(mutate):
+    """With the last-block merge gone, no block writes the statistics of a channel that several blocks share:
+    mean and rstd hold whatever the pool handed back, a last run's values, or (poisoned) NaN."""
+    cp = emulator.CupyOnCpu(pool=True)
+    with gpu.use_backend(cp):
+        inputs = checks.alternating_inputs(cp, RACE_SHAPE, "NCHW")
+        assert _race_check(cp, inputs) is None
+        mutate("bn_forward.cu", "!merge_blocks(m, partials, counters, C, c, sh, blockIdx.x + c - sh.first, team, tree)",
+               "true")
+        assert "NaN in y, mean, rstd" in _race_check(cp, inputs)
+
+
+def test_the_pool_hands_memory_back_with_its_contents():
+    cp = emulator.CupyOnCpu(pool=True)
+    a = cp.empty(8)
+    a[...] = 3.0
+    address = a.data.ptr
+    view = a[2:]
+    del a
+    assert cp.empty(8).data.ptr != address, "a view still uses the memory"
+    del view
+    b = cp.empty(8)
+    assert b.data.ptr == address and np.all(b == 3.0)
+    assert np.all(np.isnan(emulator.CupyOnCpu().empty(8))), "without a pool, fresh memory reads as NaN"

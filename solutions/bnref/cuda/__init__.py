@@ -16,9 +16,11 @@ HEADER = "bn_common.cuh"
 KERNELS = {
     "bn_affine.cu": ("bn_affine_ncs", "bn_affine_ncs_vec4", "bn_affine_mc", "bn_affine_mc_vec4"),
     "bn_reduce.cu": ("bn_channel_moments_ncs",),
-    "bn_forward.cu": ("bn_forward_stats_ncs", "bn_forward_stats_ncs_vec4", "bn_forward_stats_mc"),
+    "bn_forward.cu": ("bn_forward_stats_ncs", "bn_forward_stats_ncs_vec4", "bn_forward_stats_mc",
+                      "bn_forward_stats_mc_vec4"),
     "bn_backward.cu": ("bn_backward_reduce_ncs", "bn_backward_reduce_ncs_vec4", "bn_backward_reduce_mc",
-                       "bn_backward_dx_ncs", "bn_backward_dx_ncs_vec4", "bn_backward_dx_mc", "bn_backward_dx_mc_vec4"),
+                       "bn_backward_reduce_mc_vec4", "bn_backward_dx_ncs", "bn_backward_dx_ncs_vec4",
+                       "bn_backward_dx_mc", "bn_backward_dx_mc_vec4"),
 }
 #: options of every compilation (NVRTC through CuPy, and nvcc in the tests)
 COMPILE_OPTIONS = ("-std=c++17",)

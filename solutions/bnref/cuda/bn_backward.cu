@@ -12,35 +12,29 @@
 // 2. bn_backward_dx_*: dx = dy * k + (x - mean) * kx + k0, one elementwise pass.
 // x - mean costs one subtraction and keeps the centring exact (no cancellation
 // between x * kx and mean * kx when |mean| >> std).
-// Layouts, units and launch shapes are those of bn_forward.cu and bn_affine.cu.
+// Layouts, units and launch shapes are those of bn_forward.cu and bn_affine.cu: L = 1 channel per thread
+// (ncs, and the scalar mc kernels) or 4 (the float4 lanes of the mc _vec4 kernels).
 #include "bn_common.cuh"
 
-// Runs in one thread per channel. coef holds 3 rows of C: k, kx, k0.
-__device__ __forceinline__ void finalize_backward(Sums2 s, int c, int C, long long M,
+// Runs in one thread per lane of L channels (L * cv + l). coef holds 3 rows of C: k, kx, k0.
+template <int L>
+__device__ __forceinline__ void finalize_backward(const Sums<L>& s, int cv, int C, long long M,
                                                   const float* __restrict__ save_rstd,
                                                   const float* __restrict__ gamma,
                                                   float* __restrict__ dgamma, float* __restrict__ dbeta,
                                                   float* __restrict__ coef) {
-    const float rstd = save_rstd[c];
-    const float dg = s.b * rstd;
-    const float k = gamma[c] * rstd;
-    dbeta[c] = s.a;
-    dgamma[c] = dg;
-    coef[c] = k;
-    coef[C + c] = -k * rstd * dg / (float)M;
-    coef[2 * C + c] = -k * s.a / (float)M;
-}
-
-// Adds (g, g * (v - mean)) for the 1 or 4 values of a float or float4, in order.
-__device__ __forceinline__ void push(Sums2& acc, float g, float v, float mean) {
-    acc.a += g;
-    acc.b += g * (v - mean);
-}
-__device__ __forceinline__ void push(Sums2& acc, float4 g, float4 v, float mean) {
-    push(acc, g.x, v.x, mean);
-    push(acc, g.y, v.y, mean);
-    push(acc, g.z, v.z, mean);
-    push(acc, g.w, v.w, mean);
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        const int c = L * cv + l;
+        const float rstd = save_rstd[c];
+        const float dg = s.b[l] * rstd;
+        const float k = gamma[c] * rstd;
+        dbeta[c] = s.a[l];
+        dgamma[c] = dg;
+        coef[c] = k;
+        coef[C + c] = -k * rstd * dg / (float)M;
+        coef[2 * C + c] = -k * s.a[l] / (float)M;
+    }
 }
 
 // The two elements, of dy and of x, a thread loads at one address.
@@ -57,7 +51,22 @@ __device__ __forceinline__ Pair<T> load_pair(const T* __restrict__ dy, const T* 
     return p;
 }
 
-// smem: the kernel's __shared__ Sums2[BN_WARP] (see forward_stats_ncs in bn_forward.cu).
+// Adds (g, g * (v - mean)) for the components of the elements in v, in order: component l to lane l % L
+// (with L = 1, every component to the one channel; with L = 4, each to its own).
+template <int L, class T, int N>
+__device__ __forceinline__ void push(Sums<L>& acc, const Pair<T> (&v)[N], const float (&mean)[L]) {
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+#pragma unroll
+        for (int l = 0; l < Width<T>::value; ++l) {
+            const float g = component(v[u].g, l);
+            acc.a[l % L] += g;
+            acc.b[l % L] += g * (component(v[u].v, l) - mean[l % L]);
+        }
+    }
+}
+
+// smem: the kernel's __shared__ Sums<1>[BN_WARP] (see forward_stats_ncs in bn_forward.cu).
 template <class T>
 __device__ __forceinline__ void backward_reduce_ncs(const T* __restrict__ dy, const T* __restrict__ x, int N, int C,
                                                     int S, const float* __restrict__ save_mean,
@@ -65,34 +74,38 @@ __device__ __forceinline__ void backward_reduce_ncs(const T* __restrict__ dy, co
                                                     const float* __restrict__ gamma, float* __restrict__ dgamma,
                                                     float* __restrict__ dbeta, float* __restrict__ coef,
                                                     float* __restrict__ partials,
-                                                    unsigned int* __restrict__ counters, Sums2* smem) {
+                                                    unsigned int* __restrict__ counters, Sums<1>* smem) {
     const long long L = (long long)N * S;
     const int Q = (int)((L + BN_CHUNK - 1) / BN_CHUNK);          // chunks per channel
     const long long units = (long long)Q * C;
-    const long long values = L * (long long)(sizeof(T) / sizeof(float));   // M of the formulas
+    const long long values = L * Width<T>::value;                // M of the formulas
+    const Team team = {1, 0, (int)threadIdx.x, (int)blockDim.x, true};
+    const auto tree = [&](Sums<1> v) { return block_reduce_1d(v, smem); };
     BlockWork work(units, Q);
     Segment seg;
     while (work.next(seg)) {
         const int c = seg.group;
         const int hi = (long long)seg.hi * BN_CHUNK < L ? seg.hi * BN_CHUNK : (int)L;
-        const float mean = save_mean[c];
-        Sums2 acc = identity(Sums2());
+        const float mean[1] = {save_mean[c]};
+        Sums<1> acc = identity(Sums<1>());
         walk_channel<Unroll<T, 2>::value, Pair<T>>(
             C, S, c, seg.lo * BN_CHUNK + (int)threadIdx.x, hi, [&](long long i) { return load_pair(dy, x, i); },
-            [&](Pair<T> p) { push(acc, p.g, p.v, mean); });
-        acc = block_reduce_1d(acc, smem);
+            [&](const auto& v) { push(acc, v, mean); });
+        acc = tree(acc);
         const Sharing sh = sharing(units, Q, c);
-        if (sh.count > 1 && !merge_blocks_1d(acc, smem, partials, counters + c, sh, blockIdx.x + c)) continue;
+        if (sh.count > 1 && !merge_blocks(acc, partials, counters, C, c, sh, blockIdx.x + c - sh.first, team, tree)) {
+            continue;
+        }
         if (threadIdx.x == 0) finalize_backward(acc, c, C, values, save_rstd, gamma, dgamma, dbeta, coef);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM_WIDE)
 bn_backward_reduce_ncs(const float* __restrict__ dy, const float* __restrict__ x, int N, int C, int S,
                        const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
                        const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
                        float* __restrict__ coef, float* __restrict__ partials, unsigned int* __restrict__ counters) {
-    __shared__ Sums2 smem[BN_WARP];
+    __shared__ Sums<1> smem[BN_WARP];
     backward_reduce_ncs<float>(dy, x, N, C, S, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials, counters,
                                smem);
 }
@@ -103,9 +116,47 @@ bn_backward_reduce_ncs_vec4(const float4* __restrict__ dy, const float4* __restr
                             const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
                             float* __restrict__ coef, float* __restrict__ partials,
                             unsigned int* __restrict__ counters) {
-    __shared__ Sums2 smem[BN_WARP];
+    __shared__ Sums<1> smem[BN_WARP];
     backward_reduce_ncs<float4>(dy, x, N, C, S4, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials,
                                 counters, smem);
+}
+
+// MC: dy, x are (M, Cv) of T, L = 1 or 4 channels per thread; the walk and the tree of forward_stats_mc.
+template <class T>
+__device__ __forceinline__ void backward_reduce_mc(const T* __restrict__ dy, const T* __restrict__ x, int M, int Cv,
+                                                   const float* __restrict__ save_mean,
+                                                   const float* __restrict__ save_rstd,
+                                                   const float* __restrict__ gamma, float* __restrict__ dgamma,
+                                                   float* __restrict__ dbeta, float* __restrict__ coef,
+                                                   float* __restrict__ partials, unsigned int* __restrict__ counters,
+                                                   Sums<Width<T>::value>* smem) {
+    const int L = Width<T>::value, by = blockDim.y;
+    const int groups = (Cv + blockDim.x - 1) / blockDim.x;
+    const long long units = (long long)groups * M;
+    const auto tree = [&](Sums<L> v) { return block_reduce_rows(v, smem); };
+    BlockWork work(units, M);
+    Segment seg;
+    while (work.next(seg)) {
+        const int cv = seg.group * blockDim.x + threadIdx.x;
+        const Team team = {(int)blockDim.x, (int)threadIdx.x, (int)threadIdx.y, by, cv < Cv};
+        Sums<L> acc = identity(Sums<L>());
+        if (team.has_lane) {
+            float mean[L];
+#pragma unroll
+            for (int l = 0; l < L; ++l) mean[l] = save_mean[L * cv + l];
+            const int row = seg.lo + threadIdx.y;
+            walk_strided<Unroll<T, 2>::value, Pair<T>>(
+                row, seg.hi, by, (long long)row * Cv + cv, (long long)by * Cv,
+                [&](long long i) { return load_pair(dy, x, i); }, [&](const auto& v, long long) { push(acc, v, mean); });
+        }
+        acc = tree(acc);
+        const Sharing sh = sharing(units, M, seg.group);
+        if (sh.count > 1 &&
+            !merge_blocks(acc, partials, counters, groups, seg.group, sh, blockIdx.x + seg.group - sh.first, team, tree)) {
+            continue;
+        }
+        if (threadIdx.y == 0 && team.has_lane) finalize_backward(acc, cv, L * Cv, M, save_rstd, gamma, dgamma, dbeta, coef);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
@@ -113,31 +164,19 @@ bn_backward_reduce_mc(const float* __restrict__ dy, const float* __restrict__ x,
                       const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
                       const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
                       float* __restrict__ coef, float* __restrict__ partials, unsigned int* __restrict__ counters) {
-    __shared__ Sums2 smem[BN_THREADS];
-    const int by = blockDim.y;
-    const long long units = (long long)((C + blockDim.x - 1) / blockDim.x) * M;
-    BlockWork work(units, M);
-    Segment seg;
-    while (work.next(seg)) {
-        const int c = seg.group * blockDim.x + threadIdx.x;
-        const bool has_channel = c < C;
-        Sums2 acc = identity(Sums2());
-        if (has_channel) {
-            const float mean = save_mean[c];
-            const int row = seg.lo + threadIdx.y;
-            walk_strided<Unroll<float, 2>::value, Pair<float>>(
-                row, seg.hi, by, (long long)row * C + c, (long long)by * C,
-                [&](long long i) { return load_pair(dy, x, i); },
-                [&](long long, Pair<float> p) { push(acc, p.g, p.v, mean); });
-        }
-        acc = block_reduce_rows(acc, smem);
-        const Sharing sh = sharing(units, M, seg.group);
-        if (sh.count > 1 &&
-            !merge_blocks_rows(acc, smem, partials, counters + seg.group, sh, blockIdx.x + seg.group, has_channel)) {
-            continue;
-        }
-        if (threadIdx.y == 0 && has_channel) finalize_backward(acc, c, C, M, save_rstd, gamma, dgamma, dbeta, coef);
-    }
+    __shared__ Sums<1> smem[BN_THREADS];
+    backward_reduce_mc<float>(dy, x, M, C, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials, counters, smem);
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM_WIDE)
+bn_backward_reduce_mc_vec4(const float4* __restrict__ dy, const float4* __restrict__ x, int M, int C4,
+                           const float* __restrict__ save_mean, const float* __restrict__ save_rstd,
+                           const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                           float* __restrict__ coef, float* __restrict__ partials,
+                           unsigned int* __restrict__ counters) {
+    __shared__ Sums<4> smem[BN_THREADS];
+    backward_reduce_mc<float4>(dy, x, M, C4, save_mean, save_rstd, gamma, dgamma, dbeta, coef, partials, counters,
+                               smem);
 }
 
 // dx = dy * k + (x - mean) * kx + k0, with scalar or float4 coefficients.
@@ -155,49 +194,55 @@ __device__ __forceinline__ float4 dx_value(float4 g, float4 v, float k, float kx
                        dx_value(g.z, v.z, k, kx, k0, mean), dx_value(g.w, v.w, k, kx, k0, mean));
 }
 
-// NCS: dy, x, dx are (N*C, S) rows of T, walked flat as in bn_affine.cu: block b owns chunks of BN_CHUNK
-// units, thread t the units i = lo + t + k * blockDim.x of them; the channel follows the walk (RowChannel),
-// and the coefficients are reloaded only when it changes.
+// NCS: dy, x, dx are (N*C, S) rows of T, walked flat in windows of rows (row_windows in bn_common.cuh): thread t
+// first loads row r0 + t's coefficients (k, kx, k0, mean) into kc[t], then visits its units i = lo + t +
+// k * blockDim.x of the window, reading its row's coefficients from there.
 template <class T>
 __device__ __forceinline__ void dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                         long long R, int C, int S, const float* __restrict__ save_mean,
-                                        const float* __restrict__ coef) {
-    const ChunkShare share = chunk_share(R * S);
-    const long long i = share.i, hi = share.hi;
-    if (i >= hi) return;
+                                        const float* __restrict__ coef, float4* kc /* [BN_THREADS] */) {
     const int stride = blockDim.x;
-    RowChannel at(i, stride, S, C);
-    int c = -1;
-    float k = 0.0f, kx = 0.0f, k0 = 0.0f, mean = 0.0f;
-    walk_strided<Unroll<T, 2>::value, Pair<T>>(
-        i, hi, stride, i, stride, [&](long long n) { return load_pair(dy, x, n); },
-        [&](long long n, Pair<T> p) {   // dx[n] for the unit n the walk is at, then step the walk
-            if (at.c != c) {
-                c = at.c;
-                k = coef[c], kx = coef[C + c], k0 = coef[2 * C + c], mean = save_mean[c];
-            }
-            dx[n] = dx_value(p.g, p.v, k, kx, k0, mean);
-            at.advance();
+    row_windows(
+        R, S,
+        [&](long long row, int t) {
+            const int c = (int)(row % C);
+            kc[t] = make_float4(coef[c], coef[C + c], coef[2 * C + c], save_mean[c]);
+        },
+        [&](long long i, long long hi, long long r0) {
+            if (i >= hi) return;
+            RowWalk at(i, r0, stride, S);
+            walk_strided<Unroll<T, 2>::value, Pair<T>>(
+                i, hi, stride, i, stride, [&](long long n) { return load_pair(dy, x, n); },
+                [&](const auto& v, long long n) {   // dx[n], dx[n + stride], ..., the walk stepped along
+                    for (const Pair<T>& p : v) {
+                        const float4 q = kc[at.r];
+                        dx[n] = dx_value(p.g, p.v, q.x, q.y, q.z, q.w);
+                        n += stride;
+                        at.advance();
+                    }
+                });
         });
 }
 
 extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_ncs(const float* __restrict__ dy, const float* __restrict__ x, float* __restrict__ dx,
                    long long R, int C, int S, const float* __restrict__ save_mean, const float* __restrict__ coef) {
-    dx_rows<float>(dy, x, dx, R, C, S, save_mean, coef);
+    __shared__ float4 kc[BN_THREADS];
+    dx_rows<float>(dy, x, dx, R, C, S, save_mean, coef, kc);
 }
 
 extern "C" __global__ void __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
 bn_backward_dx_ncs_vec4(const float4* __restrict__ dy, const float4* __restrict__ x, float4* __restrict__ dx,
                         long long R, int C, int S4, const float* __restrict__ save_mean,
                         const float* __restrict__ coef) {
-    dx_rows<float4>(dy, x, dx, R, C, S4, save_mean, coef);
+    __shared__ float4 kc[BN_THREADS];
+    dx_rows<float4>(dy, x, dx, R, C, S4, save_mean, coef, kc);
 }
 
 // MC: a thread owns channel cv (float) or channels 4cv..4cv+3 (float4) of a segment of a column and walks
 // down its rows, the coefficients in registers.
-__device__ __forceinline__ float lanes(const float* __restrict__ v, int cv, float) { return v[cv]; }
-__device__ __forceinline__ float4 lanes(const float* __restrict__ v, int cv, float4) {
+__device__ __forceinline__ float lane_values(const float* __restrict__ v, int cv, float) { return v[cv]; }
+__device__ __forceinline__ float4 lane_values(const float* __restrict__ v, int cv, float4) {
     return make_float4(v[4 * cv], v[4 * cv + 1], v[4 * cv + 2], v[4 * cv + 3]);
 }
 
@@ -211,12 +256,17 @@ __device__ __forceinline__ void dx_cols(const T* __restrict__ dy, const T* __res
     while (work.next(seg)) {
         const int cv = seg.group * blockDim.x + threadIdx.x;
         if (cv >= Cv) continue;
-        const T k = lanes(coef, cv, T()), kx = lanes(coef + C, cv, T()), k0 = lanes(coef + 2 * C, cv, T());
-        const T mean = lanes(save_mean, cv, T());
+        const T k = lane_values(coef, cv, T()), kx = lane_values(coef + C, cv, T());
+        const T k0 = lane_values(coef + 2 * C, cv, T()), mean = lane_values(save_mean, cv, T());
         const int m = seg.lo + threadIdx.y;
         walk_strided<Unroll<T, 2>::value, Pair<T>>(
             m, seg.hi, by, (long long)m * Cv + cv, (long long)by * Cv, [&](long long i) { return load_pair(dy, x, i); },
-            [&](long long i, Pair<T> p) { dx[i] = dx_value(p.g, p.v, k, kx, k0, mean); });
+            [&](const auto& v, long long i) {
+                for (const Pair<T>& p : v) {
+                    dx[i] = dx_value(p.g, p.v, k, kx, k0, mean);
+                    i += (long long)by * Cv;
+                }
+            });
     }
 }
 

@@ -25,16 +25,21 @@
 #define BN_THREADS 256   // threads per block, every kernel
 #define BN_CHUNK 32      // ncs work unit: 32 consecutive values (or float4s) of a channel, one warp's load
 #define BN_LOAD_BYTES 32 // bytes a thread loads per step, over the arrays it streams, before it uses any
+#define BN_FANIN 32      // partials (or runs of partials) one block merges at most, at the grid level
 
-// The resident blocks per SM every kernel is compiled for: __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM)
-// makes ptxas fit the registers to that many blocks (or report a spill). 6 blocks of 256 threads, each
-// thread with BN_LOAD_BYTES in flight, keep 48 KB per SM in flight, more than Little's law asks of an H100 or
-// H200 (bandwidth x latency / SMs, about 25-35 KB), and leave 40 registers per thread; 8 blocks would leave
-// 32 and make most kernels spill. Turing's SM (sm_75: T4) holds 1024 threads: 4 blocks, 64 registers.
+// The resident blocks per SM each kernel is compiled for: __launch_bounds__(BN_THREADS, BN_BLOCKS_PER_SM[_WIDE])
+// makes ptxas fit the registers to that many blocks (or report a spill): 6 blocks of 256 threads leave each
+// thread 40 registers, 5 leave 48. A thread's step must issue all its loads (BN_LOAD_BYTES) before it uses
+// any, or the bytes in flight shrink: most kernels do that in 40 registers; those whose compiled hot loop at
+// 40 did not (ptxas used a load before issuing the next, or spilled) are compiled for 5 blocks (_WIDE).
+// tests/test_cuda_sass.py checks both from the machine code. Turing's SM (sm_75: T4) holds 1024 threads: 4
+// blocks, 64 registers, for every kernel.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define BN_BLOCKS_PER_SM 4
+#define BN_BLOCKS_PER_SM_WIDE 4
 #else
 #define BN_BLOCKS_PER_SM 6
+#define BN_BLOCKS_PER_SM_WIDE 5
 #endif
 
 // Loads of T per step and array, for a kernel that streams `arrays` arrays, so that a step loads
@@ -44,10 +49,6 @@ struct Unroll {
     static const int value = BN_LOAD_BYTES / (arrays * (int)sizeof(T));
 };
 
-template <class T> __device__ __forceinline__ T zero();
-template <> __device__ __forceinline__ float zero<float>() { return 0.0f; }
-template <> __device__ __forceinline__ float4 zero<float4>() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
-
 // ---------------------------------------------------------------------------
 // The work split (see the top of this file).
 // ---------------------------------------------------------------------------
@@ -55,18 +56,6 @@ template <> __device__ __forceinline__ float4 zero<float4>() { return make_float
 // The first unit of block b's share of T units: floor(b T / P).
 __device__ __forceinline__ long long split_point(long long T, unsigned int b) {
     return (long long)((unsigned long long)T * b / gridDim.x);
-}
-
-// This block's share of `total` elementwise values, in whole chunks of BN_CHUNK: the thread's first
-// index i and the end hi of the share (hi <= total). The thread then visits i, i + blockDim.x, ... < hi.
-struct ChunkShare {
-    long long i, hi;
-};
-
-__device__ __forceinline__ ChunkShare chunk_share(long long total) {
-    const long long chunks = (total + BN_CHUNK - 1) / BN_CHUNK;
-    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK;
-    return {split_point(chunks, blockIdx.x) * BN_CHUNK + threadIdx.x, end < total ? end : total};
 }
 
 // The block whose share holds unit k: the largest b with split_point(T, b) <= k.
@@ -120,79 +109,116 @@ __device__ __forceinline__ Sharing sharing(long long T, int Q, int g) {
 }
 
 // ---------------------------------------------------------------------------
-// Welford / Chan moments: count, mean and M2 = sum of squared deviations.
+// Welford / Chan moments of L channels that always see the same number of values (one channel, or the 4 of a
+// float4 in the channels-last _vec4 kernels): the count, and each channel's mean and M2 = sum of squared
+// deviations. Sharing the count shares each update's division.
 // ---------------------------------------------------------------------------
+template <int L>
 struct Moments {
     int n;
-    float mean;
-    float m2;
+    float mean[L];
+    float m2[L];
 };
 
-__device__ __forceinline__ Moments identity(Moments) {
-    Moments r;
+template <int L>
+__device__ __forceinline__ Moments<L> identity(Moments<L>) {
+    Moments<L> r;
     r.n = 0;
-    r.mean = 0.0f;
-    r.m2 = 0.0f;
+#pragma unroll
+    for (int l = 0; l < L; ++l) r.mean[l] = r.m2[l] = 0.0f;
     return r;
 }
 
-// Welford's update with one new value x. d and (x - new mean) have the same
-// sign, so m2 only ever grows: there is no subtraction of large, close numbers.
-__device__ __forceinline__ void welford_push(Moments& a, float x) {
-    a.n += 1;
-    const float d = x - a.mean;
-    a.mean += __fdividef(d, (float)a.n);
-    a.m2 += d * (x - a.mean);
+// Welford's update with K new values x[l][0..K) of each channel l, as Chan's merge (below) of the K values'
+// own mean and M2, computed in two passes over K registers: one division per K values instead of one per
+// value. Every term added to m2 is non-negative: there is no subtraction of large, close numbers.
+template <int L, int K>
+__device__ __forceinline__ void welford_push(Moments<L>& a, const float (&x)[L][K]) {
+    static_assert((K & (K - 1)) == 0, "K a power of two: sum * (1 / K) is exact");
+    const float fb = __fdividef((float)K, (float)(a.n + K)), na = (float)a.n;
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        float sum = x[l][0];
+#pragma unroll
+        for (int k = 1; k < K; ++k) sum += x[l][k];
+        const float mb = sum * (1.0f / K);
+        float m2b = 0.0f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const float d = x[l][k] - mb;
+            m2b += d * d;
+        }
+        const float d = mb - a.mean[l];
+        a.mean[l] += d * fb;
+        a.m2[l] += m2b + d * d * na * fb;
+    }
+    a.n += K;
 }
 
 // Chan, Golub & LeVeque's pairwise merge of two partial results. With b empty
 // it returns a unchanged; with a empty (mean 0) it returns b exactly.
-__device__ __forceinline__ Moments combine(Moments a, Moments b) {
+template <int L>
+__device__ __forceinline__ Moments<L> combine(Moments<L> a, Moments<L> b) {
     const int n = a.n + b.n;
     const float fb = n > 0 ? (float)b.n / (float)n : 0.0f;
-    const float d = b.mean - a.mean;
-    Moments r;
+    Moments<L> r;
     r.n = n;
-    r.mean = a.mean + d * fb;
-    r.m2 = a.m2 + b.m2 + d * d * (float)a.n * fb;
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        const float d = b.mean[l] - a.mean[l];
+        r.mean[l] = a.mean[l] + d * fb;
+        r.m2[l] = a.m2[l] + b.m2[l] + d * d * (float)a.n * fb;
+    }
     return r;
 }
 
-__device__ __forceinline__ Moments shfl_down(Moments v, int offset) {
-    Moments r;
-    r.n = __shfl_down_sync(BN_FULL_MASK, v.n, offset);
-    r.mean = __shfl_down_sync(BN_FULL_MASK, v.mean, offset);
-    r.m2 = __shfl_down_sync(BN_FULL_MASK, v.m2, offset);
-    return r;
+// The warp shuffle of level 2, word by word.
+template <int L>
+__device__ __forceinline__ Moments<L> shfl_down(Moments<L> v, int offset) {
+    v.n = __shfl_down_sync(BN_FULL_MASK, v.n, offset);
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        v.mean[l] = __shfl_down_sync(BN_FULL_MASK, v.mean[l], offset);
+        v.m2[l] = __shfl_down_sync(BN_FULL_MASK, v.m2[l], offset);
+    }
+    return v;
 }
 
 // ---------------------------------------------------------------------------
-// Pairs of plain sums, for the backward pass: (sum dy, sum dy * (x - mean)).
+// Pairs of plain sums of L channels, for the backward pass: (sum dy, sum dy * (x - mean)).
 // ---------------------------------------------------------------------------
-struct Sums2 {
-    float a;
-    float b;
+template <int L>
+struct Sums {
+    float a[L];
+    float b[L];
 };
 
-__device__ __forceinline__ Sums2 identity(Sums2) {
-    Sums2 r;
-    r.a = 0.0f;
-    r.b = 0.0f;
+template <int L>
+__device__ __forceinline__ Sums<L> identity(Sums<L>) {
+    Sums<L> r;
+#pragma unroll
+    for (int l = 0; l < L; ++l) r.a[l] = r.b[l] = 0.0f;
     return r;
 }
 
-__device__ __forceinline__ Sums2 combine(Sums2 x, Sums2 y) {
-    Sums2 r;
-    r.a = x.a + y.a;
-    r.b = x.b + y.b;
-    return r;
+template <int L>
+__device__ __forceinline__ Sums<L> combine(Sums<L> x, Sums<L> y) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        x.a[l] += y.a[l];
+        x.b[l] += y.b[l];
+    }
+    return x;
 }
 
-__device__ __forceinline__ Sums2 shfl_down(Sums2 v, int offset) {
-    Sums2 r;
-    r.a = __shfl_down_sync(BN_FULL_MASK, v.a, offset);
-    r.b = __shfl_down_sync(BN_FULL_MASK, v.b, offset);
-    return r;
+template <int L>
+__device__ __forceinline__ Sums<L> shfl_down(Sums<L> v, int offset) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        v.a[l] = __shfl_down_sync(BN_FULL_MASK, v.a[l], offset);
+        v.b[l] = __shfl_down_sync(BN_FULL_MASK, v.b[l], offset);
+    }
+    return v;
 }
 
 // Single floats, for the simple two-pass reduction.
@@ -256,96 +282,120 @@ __device__ __forceinline__ T block_reduce_rows(T v, T* smem /* [blockDim.x * blo
 
 // ---------------------------------------------------------------------------
 // Level 4: the partials of one group, in global memory.
-// A partial is stored as 32-bit words; __ldcg reads through L2 (the last block
-// must not see a stale L1 line of a slot another block wrote).
+// A partial is stored as 32-bit words, through L2 (__stcg, __ldcg: the last block must not see a stale L1 line
+// of a slot another block wrote).
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ void store_partial(float* ws, long long slot, Moments m) {
-    ws[3 * slot + 0] = __int_as_float(m.n);
-    ws[3 * slot + 1] = m.mean;
-    ws[3 * slot + 2] = m.m2;
+template <int L>
+__device__ __forceinline__ void store_partial(float* ws, long long slot, const Moments<L>& m) {
+    float* p = ws + (2 * L + 1) * slot;
+    __stcg(p, __int_as_float(m.n));
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        __stcg(p + 1 + 2 * l, m.mean[l]);
+        __stcg(p + 2 + 2 * l, m.m2[l]);
+    }
 }
 
-__device__ __forceinline__ Moments load_partial(const float* ws, long long slot, Moments) {
-    Moments m;
-    m.n = __float_as_int(__ldcg(ws + 3 * slot + 0));
-    m.mean = __ldcg(ws + 3 * slot + 1);
-    m.m2 = __ldcg(ws + 3 * slot + 2);
+template <int L>
+__device__ __forceinline__ Moments<L> load_partial(const float* ws, long long slot, Moments<L>) {
+    const float* p = ws + (2 * L + 1) * slot;
+    Moments<L> m;
+    m.n = __float_as_int(__ldcg(p));
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        m.mean[l] = __ldcg(p + 1 + 2 * l);
+        m.m2[l] = __ldcg(p + 2 + 2 * l);
+    }
     return m;
 }
 
-__device__ __forceinline__ void store_partial(float* ws, long long slot, Sums2 s) {
-    ws[2 * slot + 0] = s.a;
-    ws[2 * slot + 1] = s.b;
+template <int L>
+__device__ __forceinline__ void store_partial(float* ws, long long slot, const Sums<L>& s) {
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        __stcg(ws + 2 * (L * slot + l), s.a[l]);
+        __stcg(ws + 2 * (L * slot + l) + 1, s.b[l]);
+    }
 }
 
-__device__ __forceinline__ Sums2 load_partial(const float* ws, long long slot, Sums2) {
-    Sums2 s;
-    s.a = __ldcg(ws + 2 * slot + 0);
-    s.b = __ldcg(ws + 2 * slot + 1);
+template <int L>
+__device__ __forceinline__ Sums<L> load_partial(const float* ws, long long slot, Sums<L>) {
+    Sums<L> s;
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+        s.a[l] = __ldcg(ws + 2 * (L * slot + l));
+        s.b[l] = __ldcg(ws + 2 * (L * slot + l) + 1);
+    }
     return s;
 }
 
-// Called by one thread of each of the `count` blocks that share `counter`, after its block's partial is
-// stored. Returns true in exactly one block: the last to arrive, which then reads every partial. The first
-// fence orders this block's partial before its ticket (release); the second, in the last block only, orders
-// the ticket before its reads of the other blocks' partials (acquire), and the __syncthreads that follows
-// extends that order to the rest of the block. The last block resets the counter for the next launch on the
-// stream (the wrappers give every stream its own counters, so overlapping launches never share one).
-__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int count) {
-    __threadfence();
-    const unsigned int ticket = atomicAdd(counter, 1u);
-    const bool last = ticket == count - 1;
-    if (last) {
+// How the threads of a block hold a partial: thread row `row` of `rows` holds lane `lane` of `lanes` (1-D
+// blocks: one lane, a row per thread; 2-D blocks: a lane per threadIdx.x, a row per threadIdx.y); has_lane
+// is false in the lanes of a partial column of channels that hold none.
+struct Team {
+    int lanes, lane, row, rows;
+    bool has_lane;
+};
+
+// Row 0 of the block stores its partial v in `slot` and publishes it (__threadfence: each writer orders its
+// own store before the block's ticket, a release); then thread 0 takes a ticket of `counter`. Returns true in
+// exactly one of the `count` blocks that share the counter: the last to arrive, whose ticket is followed by
+// a second fence (an acquire: it orders the ticket before the block's reads of the other blocks' slots, and
+// the __syncthreads that follows extends that order to the whole block). The last block resets the counter
+// for the next launch on the stream (the wrappers give every stream its own counters, so overlapping
+// launches never share one).
+template <class T>
+__device__ __forceinline__ bool arrive(const T& v, float* partials, long long slot, unsigned int* counter,
+                                       unsigned int count, Team team) {
+    __shared__ bool is_last;
+    if (team.row == 0 && team.has_lane) {
+        store_partial(partials, slot * team.lanes + team.lane, v);
         __threadfence();
-        *counter = 0u;
-    }
-    return last;
-}
-
-// Level 4 for 1-D blocks (the ncs kernels). Thread 0 holds its block's partial v of a group shared by
-// sh.count > 1 blocks; this block's slot is `slot`. Returns false in all blocks but the last, where v becomes
-// the group's total (in thread 0), the partials merged in slot order.
-template <class T>
-__device__ __forceinline__ bool merge_blocks_1d(T& v, T* smem, float* partials, unsigned int* counter, Sharing sh,
-                                                long long slot) {
-    __shared__ bool is_last;
-    if (threadIdx.x == 0) {
-        store_partial(partials, slot, v);
-        is_last = arrive_last(counter, sh.count);
     }
     __syncthreads();
-    if (!is_last) return false;
-    v = identity(v);
-    for (unsigned int k = threadIdx.x; k < sh.count; k += blockDim.x) {
-        v = combine(v, load_partial(partials, sh.first + k, v));
-    }
-    v = block_reduce_1d(v, smem);
-    return true;
-}
-
-// Level 4 for 2-D blocks (the mc kernels): the same, with one partial per channel of the column (threadIdx.x,
-// in slot * blockDim.x + threadIdx.x) and thread row ty merging slots ty, ty + by, ...; the column's totals
-// end in every thread of the column.
-template <class T>
-__device__ __forceinline__ bool merge_blocks_rows(T& v, T* smem, float* partials, unsigned int* counter, Sharing sh,
-                                                  long long slot, bool has_channel) {
-    __shared__ bool is_last;
-    const long long bx = blockDim.x;
-    if (threadIdx.y == 0 && has_channel) {
-        store_partial(partials, slot * bx + threadIdx.x, v);
-        __threadfence();  // each writer publishes its own partial before thread (0, 0) takes the ticket
-    }
-    __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) is_last = arrive_last(counter, sh.count);
-    __syncthreads();
-    if (!is_last) return false;
-    v = identity(v);
-    if (has_channel) {
-        for (unsigned int k = threadIdx.y; k < sh.count; k += blockDim.y) {
-            v = combine(v, load_partial(partials, (sh.first + k) * bx + threadIdx.x, v));
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        is_last = atomicAdd(counter, 1u) == count - 1;
+        if (is_last) {
+            __threadfence();
+            *counter = 0u;
         }
     }
-    v = block_reduce_rows(v, smem);
+    __syncthreads();
+    return is_last;
+}
+
+// Row r's merge, in slot order, of the n slots first, first + stride, ...: it takes the r-th, (r + rows)-th,
+// ... of them.
+template <class T>
+__device__ __forceinline__ T gather(const float* partials, long long first, unsigned int n, unsigned int stride,
+                                    Team team) {
+    T v = identity(T());
+    if (team.has_lane) {
+        for (unsigned int k = team.row; k < n; k += team.rows) {
+            v = combine(v, load_partial(partials, (first + (long long)k * stride) * team.lanes + team.lane, v));
+        }
+    }
+    return v;
+}
+
+// Level 4. Every thread of a block calls it with its share of the block's partial v of a group that sh.count >
+// 1 blocks share (row 0 holds it; see Team), k being this block's place among them. counters holds one
+// counter per group, then one per partial slot. The partials merge in two levels, in slot order: the last
+// block to finish of each run of BN_FANIN consecutive blocks merges the run's partials (gather, then
+// tree(v), the block tree over the rows); with several runs it stores the result in the run's first slot,
+// and the last run to finish merges those. So no block merges more than BN_FANIN partials or runs of
+// partials (a few per row of threads). Returns true in the block that holds the group's total, where tree
+// leaves it.
+template <class T, class Tree>
+__device__ __forceinline__ bool merge_blocks(T& v, float* partials, unsigned int* counters, int groups, int group,
+                                             Sharing sh, unsigned int k, Team team, Tree tree) {
+    const unsigned int run = k / BN_FANIN * BN_FANIN, runs = (sh.count + BN_FANIN - 1) / BN_FANIN;
+    const unsigned int size = sh.count - run < BN_FANIN ? sh.count - run : BN_FANIN;
+    if (!arrive(v, partials, sh.first + k, counters + groups + sh.first + run, size, team)) return false;
+    v = tree(gather<T>(partials, sh.first + run, size, 1, team));
+    if (runs == 1) return true;
+    if (!arrive(v, partials, sh.first + run, counters + group, runs, team)) return false;
+    v = tree(gather<T>(partials, sh.first, runs, BN_FANIN, team));
     return true;
 }
 
@@ -387,56 +437,79 @@ struct ChannelWalk {
     }
 };
 
-// The channel of a flat walk over an NCHW tensor seen as R = N*C rows of S units: unit i is in row i / S,
-// of channel (i / S) % C. Each step of `stride` units adds (stride % S, (stride / S) % C) with one carry each.
-struct RowChannel {
-    int s, c;            // i % S, (i / S) % C
-    int step_s, step_c;  // stride % S, (stride / S) % C
-    int S, C;
+// The rows of a flat walk over an NCHW tensor seen as R = N*C rows of S units: unit i is unit i % S of row
+// i / S. A walk of units i, i + stride, ... follows (i / S - r0, i % S), for a window of rows from r0 on, with
+// one carry per step instead of a division.
+struct RowWalk {
+    int s, r;            // i % S, i / S - r0
+    int step_s, step_r;  // stride % S, stride / S
+    int S;
 
-    __device__ __forceinline__ RowChannel(long long i, int stride, int S_, int C_) {
+    __device__ __forceinline__ RowWalk(long long i, long long r0, int stride, int S_) {
         S = S_;
-        C = C_;
         const long long row = i / S;
         s = (int)(i - row * S);
-        c = (int)(row % C);
+        r = (int)(row - r0);
         step_s = stride % S;
-        step_c = (stride / S) % C;
+        step_r = stride / S;
     }
 
     __device__ __forceinline__ void advance() {
         s += step_s;
-        c += step_c;
+        r += step_r;
         if (s >= S) {
             s -= S;
-            c += 1;
+            r += 1;
         }
-        if (c >= C) c -= C;  // c + step_c + 1 <= 2C - 1
     }
 };
 
+// The elementwise ncs kernels: this block's share of a flat (R, S) tensor (whole chunks of BN_CHUNK units,
+// the last one cut at the end), in windows of blockDim.x rows. For each window, thread t first calls
+// fold(r0 + t, t) if row r0 + t holds some of the share (it writes that row's per-channel coefficients to
+// entry t of a table in shared memory), then, after a barrier, visit(i, hi, r0) for its units i, i +
+// blockDim.x, ... < hi of the window. So a channel's coefficients are computed once per block and row, not
+// once per value, and the hot loop has no branch and no global load but the streamed ones.
+template <class Fold, class Visit>
+__device__ __forceinline__ void row_windows(long long R, int S, Fold fold, Visit visit) {
+    const long long chunks = (R * S + BN_CHUNK - 1) / BN_CHUNK;
+    const long long lo = split_point(chunks, blockIdx.x) * BN_CHUNK, end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK;
+    const long long hi = end < R * S ? end : R * S;
+    for (long long r0 = lo / S; r0 * S < hi; r0 += blockDim.x) {
+        const long long row = r0 + threadIdx.x;
+        if (row * S < hi) fold(row, (int)threadIdx.x);
+        __syncthreads();
+        const long long first = lo > r0 * S ? lo : r0 * S, last = (r0 + blockDim.x) * S;
+        visit(first + threadIdx.x, last < hi ? last : hi, r0);
+        __syncthreads();  // the table is rewritten for the next window
+    }
+}
+
 // ---------------------------------------------------------------------------
-// Level 1 walks: a thread's elements, in increasing order, in steps of U. A full step issues its U loads
-// (BN_LOAD_BYTES in all) before it uses any of them; the tail goes one by one.
+// Level 1 walks: a thread's elements, in increasing order. A full step loads U elements (BN_LOAD_BYTES over
+// the arrays it streams) into registers and then hands them, as one array V[U], to use; the tail hands them
+// over one at a time, as arrays of one. use is a generic lambda: sizeof(v) / sizeof(v[0]) elements.
 // ---------------------------------------------------------------------------
 
 // Elements p, p + p_step, ... < hi of a thread, element n at address a + n * a_step (flat walks: p is the
 // address, and the step the block's threads; channels-last walks: p is the row, and the step rows * C, which
-// needs 64 bits). load(address) returns an element's values, use(address, v) consumes them.
+// needs 64 bits). load(address) returns an element's values, use(v, address of v[0]) consumes an array.
 template <int U, class V, class P, class A, class Load, class Use>
 __device__ __forceinline__ void walk_strided(P p, P hi, int p_step, long long a, A a_step, Load load, Use use) {
     for (; U > 1 && p < hi - (U - 1) * p_step; p += U * p_step, a += U * a_step) {
         V v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) v[u] = load(a + u * a_step);
-#pragma unroll
-        for (int u = 0; u < U; ++u) use(a + u * a_step, v[u]);
+        use(v, a);
     }
-    for (; p < hi; p += p_step, a += a_step) use(a, load(a));
+    for (; p < hi; p += p_step, a += a_step) {
+        const V v[1] = {load(a)};
+        use(v, a);
+    }
 }
 
 // Elements j, j + blockDim.x, ... < hi of channel c of an (N, C, S) tensor, through a ChannelWalk.
-// load(offset) returns an element's values, use(v) consumes them.
+// load(offset) returns an element's values, use(v) consumes an array of them.
 template <int U, class V, class Load, class Use>
 __device__ __forceinline__ void walk_channel(int C, int S, int c, int j, int hi, Load load, Use use) {
     const int stride = blockDim.x;
@@ -449,8 +522,32 @@ __device__ __forceinline__ void walk_channel(int C, int S, int c, int j, int hi,
             v[u] = load(walk.offset);
             walk.advance();
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) use(v[u]);
+        use(v);
     }
-    for (; j < hi; j += stride, walk.advance()) use(load(walk.offset));
+    for (; j < hi; j += stride, walk.advance()) {
+        const V v[1] = {load(walk.offset)};
+        use(v);
+    }
+}
+
+// The components of a float or float4, by index (a constant after unrolling).
+template <class T>
+struct Width {
+    static const int value = sizeof(T) / sizeof(float);
+};
+__device__ __forceinline__ float component(float v, int) { return v; }
+__device__ __forceinline__ float component(float4 v, int l) { return l == 0 ? v.x : l == 1 ? v.y : l == 2 ? v.z : v.w; }
+
+// Welford's update of L channels with N elements of T: with L = 1 the elements' components are N * W values of
+// one channel, in order; with L = W each component is a channel of its own, with N values.
+template <int L, class T, int N>
+__device__ __forceinline__ void push(Moments<L>& a, const T (&v)[N]) {
+    const int W = Width<T>::value;
+    float x[L][N * W / L];
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+#pragma unroll
+        for (int l = 0; l < W; ++l) x[l % L][u * (W / L) + l / L] = component(v[u], l);
+    }
+    welford_push(a, x);
 }

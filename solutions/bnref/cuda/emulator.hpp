@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <vector>
@@ -55,14 +56,30 @@ struct uint3 {
 struct dim3 {
     unsigned int x, y, z;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
 struct alignas(16) float4 {
     float x, y, z, w;
 };
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 namespace emu {
 
 enum class Wait { running, barrier, shuffle, done };
+
+// A store through __stcg that is not yet visible to the whole grid.
+struct Store {
+    void* address;
+    unsigned char bytes[16];
+    int size;
+};
+
+inline void publish(std::vector<Store>& stores) {
+    for (const Store& s : stores) std::memcpy(s.address, s.bytes, (std::size_t)s.size);
+    stores.clear();
+}
 
 struct Fiber {
     ucontext_t ctx;
@@ -73,6 +90,7 @@ struct Fiber {
     const char* bar_file;      // where it waits at __syncthreads
     int bar_line;
     std::vector<char> stack;
+    std::vector<Store> stores;  // its __stcg stores, visible to itself alone
 };
 
 struct Launch {
@@ -86,6 +104,8 @@ struct Launch {
     std::mt19937 rng;
     int order;  // 0 forward, 1 reverse, 2 shuffled
     std::string error;
+    std::vector<Store> block_stores;  // __stcg stores the block's threads see (after a barrier), not the grid
+    std::vector<Store> unpublished;   // stores of finished blocks never fenced: visible at the end of the launch
 };
 
 inline Launch* L = nullptr;
@@ -152,6 +172,7 @@ inline void run_block(std::size_t stack_bytes) {
         Fiber& f = L->fibers[i];
         f.tid = uint3{(unsigned)i % bd.x, (unsigned)(i / bd.x) % bd.y, (unsigned)(i / (bd.x * bd.y))};
         f.wait = Wait::running;
+        f.stores.clear();
         f.stack.resize(stack_bytes);
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -190,6 +211,8 @@ inline void run_block(std::size_t stack_bytes) {
             }
             for (Fiber& f : L->fibers) {
                 if (f.wait == Wait::barrier) f.wait = Wait::running;
+                L->block_stores.insert(L->block_stores.end(), f.stores.begin(), f.stores.end());
+                f.stores.clear();
             }
             continue;
         }
@@ -228,7 +251,11 @@ inline void barrier(const char* file, int line) {
 }
 }  // namespace emu
 #define __syncthreads() ::emu::barrier(__FILE__, __LINE__)
-inline void __threadfence() {}  // blocks run one at a time: every store is already visible
+// Makes the thread's own __stcg stores, and those its block's threads made visible to it, visible to the grid.
+inline void __threadfence() {
+    emu::publish(emu::L->block_stores);
+    emu::publish(emu::self().stores);
+}
 
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
@@ -244,7 +271,28 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 template <class T>
-inline T __ldcg(const T* p) { return *p; }
+inline void __stcg(T* p, T v) {
+    static_assert(sizeof(T) <= 16, "the emulator buffers stores of at most 16 bytes");
+    emu::Store s;
+    s.address = p;
+    s.size = (int)sizeof(T);
+    std::memcpy(s.bytes, &v, sizeof(T));
+    emu::self().stores.push_back(s);
+}
+// The latest of the thread's own buffered stores to p, else of its block's, else memory.
+template <class T>
+inline T __ldcg(const T* p) {
+    for (const std::vector<emu::Store>* stores : {&emu::self().stores, &emu::L->block_stores}) {
+        for (auto s = stores->rbegin(); s != stores->rend(); ++s) {
+            if (s->address == p && s->size == (int)sizeof(T)) {
+                T v;
+                std::memcpy(&v, s->bytes, sizeof(T));
+                return v;
+            }
+        }
+    }
+    return *p;
+}
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
     const unsigned int old = *p;
     *p = old + v;
@@ -283,8 +331,15 @@ extern "C" int emu_launch(void (*thunk)(void**), void** args, unsigned gx, unsig
     for (int b : emu::order_of(blocks)) {
         launch.block_idx = uint3{(unsigned)b % gx, (unsigned)(b / gx) % gy, (unsigned)(b / (gx * gy))};
         emu::run_block(64 * 1024);
+        for (emu::Fiber& f : launch.fibers) {
+            launch.block_stores.insert(launch.block_stores.end(), f.stores.begin(), f.stores.end());
+            f.stores.clear();
+        }
+        launch.unpublished.insert(launch.unpublished.end(), launch.block_stores.begin(), launch.block_stores.end());
+        launch.block_stores.clear();
         if (!launch.error.empty()) break;
     }
+    emu::publish(launch.unpublished);
     emu::L = nullptr;
     std::snprintf(err, err_len, "%s", launch.error.c_str());
     return launch.error.empty() ? 0 : 1;

@@ -19,9 +19,20 @@ What it catches that a code review may not, without a GPU:
   each launch; reads of memory never written give NaN, because fresh memory
   and each block's shared memory are filled with 0xFF bytes (reads past an
   array give -1.7e38, the guard bytes as float);
+* a partial published without a fence: stores through ``__stcg`` reach the
+  other blocks only after a ``__threadfence`` (or at the end of the launch),
+  so the last block of a merge reads what the slot held before; with
+  ``CupyOnCpu(pool=True)`` memory is handed back as CuPy's pool does, old
+  contents included, which is what a race check must see through
+  (:mod:`bnref.cuda.checks`);
 * a misaligned ``float4*``, a scalar passed with the wrong width, a host array
   passed as a pointer, threads of a block at different ``__syncthreads``, a
   full-mask shuffle in a partial warp: each raises :class:`EmulatorError`.
+
+It runs one block at a time, so it cannot show a load performed early (before
+the ticket it follows: the acquire side of a fence), nor two blocks or
+launches working at once; tests/test_cuda_sass.py checks the fences in the
+compiled code instead.
 
 Usage::
 
@@ -36,6 +47,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -164,16 +176,39 @@ class Array(np.ndarray):
 _GUARDED = {}   # id(raw buffer) -> (raw buffer's weak reference, start, end) of every live allocation
 
 
-def _alloc(shape, dtype):
-    """An uninitialised Array (every byte 0xFF: NaN as float) between two guard zones."""
+class Pool:
+    """Device memory handed back, contents and all, as CuPy's memory pool does: an allocation takes a buffer
+    of the same size that no array uses any more (none views it), else a fresh one."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def take(self, nbytes):
+        """A free buffer (raw bytes, start) for ``nbytes``, or None."""
+        for raw, start, size in self.buffers:
+            # references: the list's tuple, this loop's name, getrefcount's argument; no array views it
+            if size == nbytes and sys.getrefcount(raw) == 3:
+                return raw, start
+        return None
+
+
+def _alloc(shape, dtype, pool=None):
+    """An uninitialised Array between two guard zones: fresh memory is 0xFF in every byte (NaN as float);
+    memory from ``pool`` (a :class:`Pool`) holds what its last array left there."""
     dtype = np.dtype(dtype)
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.full(2 * GUARD + nbytes + 16, GUARD_BYTE, np.uint8)
-    start = GUARD + (-raw.ctypes.data - GUARD) % 16      # 16-byte aligned, as cudaMalloc is (more, in fact)
-    raw[start:start + nbytes] = 0xFF
-    _GUARDED[id(raw)] = (weakref.ref(raw), start, start + nbytes)
-    weakref.finalize(raw, _GUARDED.pop, id(raw), None)
+    reused = pool.take(nbytes) if pool is not None else None
+    if reused:
+        raw, start = reused
+    else:
+        raw = np.full(2 * GUARD + nbytes + 16, GUARD_BYTE, np.uint8)
+        start = GUARD + (-raw.ctypes.data - GUARD) % 16      # 16-byte aligned, as cudaMalloc is (more, in fact)
+        raw[start:start + nbytes] = 0xFF
+        _GUARDED[id(raw)] = (weakref.ref(raw), start, start + nbytes)
+        weakref.finalize(raw, _GUARDED.pop, id(raw), None)
+        if pool is not None:
+            pool.buffers.append((raw, start, nbytes))
     return raw[start:start + nbytes].view(dtype).reshape(shape).view(Array)
 
 
@@ -264,15 +299,18 @@ class CupyOnCpu:
         blocks_per_sm: what the occupancy API answers for every kernel (a GPU's driver answers from the
             kernel's registers and shared memory); the planner's persistent grids get sm_count * blocks_per_sm
             blocks.
+        pool: hand memory back as CuPy's pool does (:class:`Pool`), old contents included, instead of
+            giving every allocation fresh memory that reads as NaN.
     """
 
     ndarray = Array
     float32, float64, int32, uint32 = np.float32, np.float64, np.int32, np.uint32
 
-    def __init__(self, order="forward", seed=0, sm_count=4, blocks_per_sm=2):
+    def __init__(self, order="forward", seed=0, sm_count=4, blocks_per_sm=2, pool=False):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}; got {order!r}")
         self.order, self.seed = order, seed
+        self.pool = Pool() if pool else None
         self.__name__ = f"bnref.cuda.emulator[{order},{seed},{sm_count},{blocks_per_sm}]"
         props = {"multiProcessorCount": sm_count}
         stream = Stream()
@@ -306,18 +344,18 @@ class CupyOnCpu:
         return getattr(np, name)
 
     def empty(self, shape, dtype=np.float32):
-        return _alloc(shape, dtype)
+        return _alloc(shape, dtype, self.pool)
 
     def empty_like(self, a):
-        return _alloc(a.shape, a.dtype)
+        return _alloc(a.shape, a.dtype, self.pool)
 
     def zeros(self, shape, dtype=np.float32):
-        out = _alloc(shape, dtype)
+        out = _alloc(shape, dtype, self.pool)
         out[...] = 0
         return out
 
     def ones(self, shape, dtype=np.float32):
-        out = _alloc(shape, dtype)
+        out = _alloc(shape, dtype, self.pool)
         out[...] = 1
         return out
 
@@ -326,7 +364,7 @@ class CupyOnCpu:
         if isinstance(a, Array) and (dtype is None or a.dtype == dtype):
             return a
         host = np.asarray(a, dtype=dtype)
-        out = _alloc(host.shape, host.dtype)
+        out = _alloc(host.shape, host.dtype, self.pool)
         out[...] = host
         return out
 

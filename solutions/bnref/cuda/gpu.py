@@ -134,6 +134,29 @@ def _buffer(cp, p, C, name):
     return p
 
 
+_POISON = []
+
+
+@contextmanager
+def poisoned():
+    """Within the block, every output and workspace array the wrappers allocate starts as NaN, not as whatever
+    the memory pool hands back (often the same bytes as the last call's), so that a value a kernel should have
+    written and did not shows as NaN. :mod:`bnref.cuda.checks` runs under it."""
+    _POISON.append(True)
+    try:
+        yield
+    finally:
+        _POISON.pop()
+
+
+def _empty(cp, shape):
+    """A float32 array for a wrapper's output or workspace (NaN within :func:`poisoned`)."""
+    out = cp.empty(shape, cp.float32)
+    if _POISON:
+        out.fill(np.nan)
+    return out
+
+
 def _aligned(*arrays):
     return all(a.data.ptr % 16 == 0 for a in arrays)
 
@@ -148,42 +171,74 @@ class GPUCache(NamedTuple):
     layout: plan.Layout
 
 
-def _suffix(vec):
-    return "_vec4" if vec == 4 else ""
+class Launched(NamedTuple):
+    """A kernel launch of the wrappers, as :func:`observed` reports it."""
+
+    kernel: str     # its name, e.g. "bn_forward_stats_ncs_vec4" (the _vec4 ones move float4s)
+    grid: tuple
+    block: tuple
+    slots: int      # its blocks the device holds at once: the driver's occupancy per SM times the SMs
+
+
+_OBSERVERS = []
+
+
+@contextmanager
+def observed(callback):
+    """Within the block, ``callback(Launched)`` runs on the host right after each kernel the wrappers launch
+    (the benchmark records a CUDA event there, to time each kernel of a pass, and keeps the launch shapes)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.pop()
+
+
+def _planned(cp, file, stem, lay, vec, plan_launch):
+    """Kernel ``stem``_ncs|mc[_vec4] of ``file``, planned by ``plan_launch(slots)``: (launch, run), where
+    run(args) launches it and tells the observers."""
+    name = f"{stem}_{lay.kind}" + ("_vec4" if vec == 4 else "")
+    kernel = _kernel(cp, file, name)
+    slots = _slots(cp, kernel)
+    launch = plan_launch(slots)
+
+    def run(args):
+        kernel(launch.grid, launch.block, args)
+        for observe in _OBSERVERS:
+            observe(Launched(name, launch.grid, launch.block, slots))
+    return launch, run
 
 
 def _elementwise(cp, file, stem, lay, arrays):
-    """The kernel ``stem``_ncs|mc[_vec4] of ``file`` for ``arrays`` (those it reads and writes), its persistent
-    launch, and its size arguments: (N*C, C, S/vec) or (M, C/vec)."""
+    """The kernel ``stem``_ncs|mc[_vec4] of ``file`` for ``arrays`` (those it reads and writes), as run(args) on
+    its persistent launch, and its size arguments: (N*C, C, S/vec) or (M, C/vec)."""
     vec = plan.vector_width(lay, _aligned(*arrays))
-    kernel = _kernel(cp, file, f"{stem}_{lay.kind}{_suffix(vec)}")
-    launch = plan.elementwise_launch(lay, vec, _slots(cp, kernel))
+    _, run = _planned(cp, file, stem, lay, vec, lambda slots: plan.elementwise_launch(lay, vec, slots))
     if lay.kind == "ncs":
-        return kernel, launch, (np.int64(lay.N * lay.C), np.int32(lay.C), np.int32(lay.S // vec))
-    return kernel, launch, (np.int32(lay.N), np.int32(lay.C // vec))
+        return run, (np.int64(lay.N * lay.C), np.int32(lay.C), np.int32(lay.S // vec))
+    return run, (np.int32(lay.N), np.int32(lay.C // vec))
 
 
-def _reduction(cp, file, stem, lay, arrays, words, blocks=None):
-    """The kernel ``stem``_ncs[_vec4] or ``stem``_mc of ``file`` for ``arrays`` (the ones it streams), its
-    persistent launch, its size arguments ((N, C, S/vec) or (M, C)), and its workspace: room for ``words``
-    floats per partial, and the arrival counters."""
-    vec = plan.vector_width(lay, _aligned(*arrays)) if lay.kind == "ncs" else 1
-    kernel = _kernel(cp, file, f"{stem}_{lay.kind}{_suffix(vec)}")
-    launch = plan.reduction_launch(lay, vec, _slots(cp, kernel), blocks)
-    lanes = 1 if lay.kind == "ncs" else launch.block[0]   # mc: a partial per channel of a column
-    partials = cp.empty(words * lanes * launch.partial_slots, cp.float32)
-    if lay.kind == "ncs":
-        dims = (np.int32(lay.N), np.int32(lay.C), np.int32(lay.S // vec))
-    else:
-        dims = (np.int32(lay.N), np.int32(lay.C))
-    return kernel, launch, dims, (partials, _counters(cp, launch.groups))
+def _reduction(cp, file, stem, lay, arrays, count_words, blocks=None):
+    """The kernel ``stem``_ncs|mc[_vec4] of ``file`` for ``arrays`` (the ones it streams), as run(args) on its
+    persistent launch, its size arguments ((N, C, S/vec) or (M, C/vec)), and its workspace: the partials (2
+    floats per channel of a lane, plus ``count_words`` for a count the lane's channels share) and the arrival
+    counters."""
+    vec = plan.vector_width(lay, _aligned(*arrays))
+    launch, run = _planned(cp, file, stem, lay, vec, lambda slots: plan.reduction_launch(lay, vec, slots, blocks))
+    if lay.kind == "ncs":   # one lane of one channel per partial
+        words, dims = 2 + count_words, (np.int32(lay.N), np.int32(lay.C), np.int32(lay.S // vec))
+    else:                   # bx lanes of vec channels
+        words, dims = launch.block[0] * (2 * vec + count_words), (np.int32(lay.N), np.int32(lay.C // vec))
+    partials = _empty(cp, words * launch.partial_slots)
+    return run, dims, (partials, _counters(cp, launch.counters))
 
 
 def _affine(cp, x, lay, mean, stat, gamma, beta, eps, stat_is_var):
     """y = x * a + b with a = gamma * rstd, b = beta - mean * a (rstd = stat, or 1/sqrt(stat + eps))."""
-    y = cp.empty_like(x)
-    kernel, launch, dims = _elementwise(cp, "bn_affine.cu", "bn_affine", lay, (x, y))
-    kernel(launch.grid, launch.block, (x, y, *dims, mean, stat, gamma, beta, np.float32(eps), np.int32(stat_is_var)))
+    y = _empty(cp, x.shape)
+    run, dims = _elementwise(cp, "bn_affine.cu", "bn_affine", lay, (x, y))
+    run((x, y, *dims, mean, stat, gamma, beta, np.float32(eps), np.int32(stat_is_var)))
     return y
 
 
@@ -212,15 +267,15 @@ def batchnorm_forward_gpu(x, gamma, beta, running_mean=None, running_var=None, m
         raise ValueError(f"momentum must be in [0, 1] (PyTorch's convention, weight of the new batch); got {momentum}")
     gamma, beta = _param(cp, gamma, lay.C, "gamma"), _param(cp, beta, lay.C, "beta")
     update = running_mean is not None or running_var is not None
-    mean, rstd = cp.empty(lay.C, cp.float32), cp.empty(lay.C, cp.float32)
+    mean, rstd = _empty(cp, lay.C), _empty(cp, lay.C)
     if update:
         running_mean = _buffer(cp, running_mean, lay.C, "running_mean")
         running_var = _buffer(cp, running_var, lay.C, "running_var")
     else:  # never touched by the kernel when update_running is 0
         running_mean, running_var = mean, rstd
-    kernel, launch, dims, workspace = _reduction(cp, "bn_forward.cu", "bn_forward_stats", lay, (x,), 3, blocks)
-    kernel(launch.grid, launch.block, (x, *dims, np.float32(eps), np.float32(momentum), np.int32(update),
-                                       mean, rstd, running_mean, running_var, *workspace))
+    run, dims, workspace = _reduction(cp, "bn_forward.cu", "bn_forward_stats", lay, (x,), 1, blocks)
+    run((x, *dims, np.float32(eps), np.float32(momentum), np.int32(update), mean, rstd, running_mean, running_var,
+         *workspace))
     out = _affine(cp, x, lay, mean, rstd, gamma, beta, eps, stat_is_var=0)
     return out, GPUCache(x, gamma, mean, rstd, lay)
 
@@ -257,14 +312,12 @@ def batchnorm_backward_gpu(dout, cache, blocks=None):
                          f"got {getattr(dout, 'shape', type(dout).__name__)}")
     dout = cp.ascontiguousarray(dout)
     C = lay.C
-    dgamma, dbeta, coef = cp.empty(C, cp.float32), cp.empty(C, cp.float32), cp.empty(3 * C, cp.float32)
-    kernel, launch, dims, workspace = _reduction(cp, "bn_backward.cu", "bn_backward_reduce", lay, (dout, x), 2,
-                                                 blocks)
-    kernel(launch.grid, launch.block, (dout, x, *dims, cache.mean, cache.rstd, cache.gamma, dgamma, dbeta, coef,
-                                       *workspace))
-    dx = cp.empty_like(x)
-    kernel, launch, dims = _elementwise(cp, "bn_backward.cu", "bn_backward_dx", lay, (dout, x, dx))
-    kernel(launch.grid, launch.block, (dout, x, dx, *dims, cache.mean, coef))
+    dgamma, dbeta, coef = _empty(cp, C), _empty(cp, C), _empty(cp, 3 * C)
+    run, dims, workspace = _reduction(cp, "bn_backward.cu", "bn_backward_reduce", lay, (dout, x), 0, blocks)
+    run((dout, x, *dims, cache.mean, cache.rstd, cache.gamma, dgamma, dbeta, coef, *workspace))
+    dx = _empty(cp, x.shape)
+    run, dims = _elementwise(cp, "bn_backward.cu", "bn_backward_dx", lay, (dout, x, dx))
+    run((dout, x, dx, *dims, cache.mean, coef))
     return dx, dgamma, dbeta
 
 

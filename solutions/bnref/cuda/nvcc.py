@@ -3,10 +3,13 @@
     python -m bnref.cuda.nvcc [--arch sm_75 sm_80 sm_90] [--write]
 
 prints one row per kernel and architecture: registers per thread, spill stores/loads, stack frame, static
-shared memory, and the resident blocks per SM that follow (:func:`bnref.cuda.plan.blocks_per_sm`). The string
-compiled is :func:`bnref.cuda.kernel_source`, the one CuPy hands to NVRTC. ``--write`` also stores the rows
-in the module ``ptxas_report.py`` (:data:`REPORT`), from which the launch planner and the chapter page take
-the occupancy on a machine without nvcc or a GPU. Exits with 1 if a kernel spills.
+shared memory, the resident blocks per SM that follow (:func:`bnref.cuda.plan.blocks_per_sm`), and, where
+``nvdisasm`` or ``cuobjdump`` is there to read the machine code (:mod:`bnref.cuda.sass`), the bytes the hot
+loop's step loads and how many of them it issues before it uses any. The string compiled is
+:func:`bnref.cuda.kernel_source`, the one CuPy hands to NVRTC. ``--write`` also stores the rows in the module
+``ptxas_report.py`` (:data:`REPORT`), from which the launch planner and the chapter page take the occupancy
+and the bytes in flight on a machine without nvcc or a GPU (it needs the disassembler). Exits with 1 if a
+kernel spills.
 """
 import argparse
 import re
@@ -16,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from . import COMPILE_OPTIONS, KERNELS, kernel_source, plan, ptxas_report
+from . import COMPILE_OPTIONS, KERNELS, kernel_source, plan, ptxas_report, sass
 
 ARCHS = tuple(plan.SM_LIMITS)
 REPORT = Path(ptxas_report.__file__).with_suffix(".py")
@@ -34,6 +37,8 @@ class Resources(NamedTuple):
     spill_loads: int
     stack: int
     smem: int
+    step_bytes: int = None        # bytes the hot loop loads per iteration (sass.LoadOrder), None unread
+    bytes_before_use: int = None  # of those, the bytes issued before the first use of one
 
     @property
     def blocks_per_sm(self):
@@ -72,21 +77,27 @@ def compile_cubin(file, arch, workdir):
     """Compile kernel file ``file`` (a key of ``KERNELS``) to a cubin for ``arch`` in ``workdir``.
 
     Returns:
-        the list of :class:`Resources`, one per kernel.
+        the list of :class:`Resources`, one per kernel, with the load order of its hot loop where a
+        disassembler is there (:func:`bnref.cuda.sass.tool`).
 
     Raises:
         RuntimeError with nvcc's output when compilation fails.
     """
     workdir = Path(workdir)
-    src = workdir / file
+    src, cubin = workdir / file, workdir / f"{Path(file).stem}.{arch}.cubin"
     src.write_text(kernel_source(file))
-    cmd = [nvcc_path() or "nvcc", "-cubin", f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas", "-v",
-           str(src), "-o", str(src.with_suffix(f".{arch}.cubin"))]
+    cmd = [nvcc_path() or "nvcc", "-cubin", f"-arch={arch}", *COMPILE_OPTIONS, "-Xptxas", "-v", str(src), "-o",
+           str(cubin)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
-    return parse_ptxas(log)
+    rows = parse_ptxas(log)
+    if sass.tool()[0] is None:
+        return rows
+    loads = sass.report(cubin)
+    return [r._replace(step_bytes=loads[r.kernel].step_bytes, bytes_before_use=loads[r.kernel].bytes_before_use)
+            if r.kernel in loads else r for r in rows]
 
 
 def report(archs=ARCHS):
@@ -103,8 +114,8 @@ def write_report(rows, path=REPORT):
     """Store ``rows`` as the module ``ptxas_report`` that :func:`bnref.cuda.plan.ptxas_table` reads."""
     body = "".join(f"    {tuple(r)!r},\n" for r in rows)
     Path(path).write_text(
-        '"""ptxas\' resource report of the chapter-5 kernels, written by `python -m bnref.cuda.nvcc --write`: '
-        'do not edit."""\n'
+        '"""ptxas\' resource report of the chapter-5 kernels, with the load order of their machine code, written by '
+        '`python -m bnref.cuda.nvcc --write`: do not edit."""\n'
         f"NVCC = {nvcc_release()!r}\nOPTIONS = {(*COMPILE_OPTIONS, '-Xptxas', '-v')!r}\n"
         f"FIELDS = {Resources._fields!r}\nROWS = [\n{body}]\n")
 
@@ -115,13 +126,15 @@ def committed_rows():
 
 
 def format_table(rows):
-    """A plain-text table of :class:`Resources` rows."""
+    """A plain-text table of :class:`Resources` rows (loads: bytes issued before the first use / bytes of the
+    hot loop's step, "-" where unread)."""
     head = (f"{'kernel':28s} {'arch':6s} {'regs':>4s} {'spill st':>8s} {'spill ld':>8s} {'stack':>5s} "
-            f"{'smem B':>6s} {'blocks/SM':>9s}")
+            f"{'smem B':>6s} {'blocks/SM':>9s} {'loads B':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        loads = "-" if r.step_bytes is None else f"{r.bytes_before_use}/{r.step_bytes}"
         lines.append(f"{r.kernel:28s} {r.arch:6s} {r.registers:4d} {r.spill_stores:8d} {r.spill_loads:8d} "
-                     f"{r.stack:5d} {r.smem:6d} {r.blocks_per_sm:9d}")
+                     f"{r.stack:5d} {r.smem:6d} {r.blocks_per_sm:9d} {loads:>7s}")
     return "\n".join(lines)
 
 
@@ -133,6 +146,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if nvcc_path() is None:
         print("nvcc is not on PATH: install the CUDA toolkit to compile the kernels without a GPU.")
+        return 1
+    if args.write and sass.tool()[0] is None:
+        print("--write needs nvdisasm or cuobjdump on PATH (the report holds the load order of the machine code).")
         return 1
     rows = report(ARCHS if args.write else args.arch)
     print(format_table(rows))

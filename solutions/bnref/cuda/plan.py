@@ -10,8 +10,8 @@ kernels            unit                                         group
 =================  ===========================================  =================================
 ``*_stats_ncs``,   ``CHUNK`` consecutive values (or float4s)    a channel
 ``*_reduce_ncs``   of one channel
-``*_mc``           one row of a column of ``bx`` channels       a column of channels
-(all mc kernels)   (``bx`` float4s for the elementwise _vec4)
+``*_mc``           one row of a column of ``bx`` floats         a column of channels
+(all mc kernels)   (or ``bx`` float4s, 4 channels each, _vec4)
 ``bn_affine_ncs``, ``CHUNK`` consecutive values (or float4s)    the whole tensor (one group)
 ``*_dx_ncs``       of the flat tensor
 =================  ===========================================  =================================
@@ -27,9 +27,10 @@ from typing import NamedTuple
 from . import ptxas_report
 
 THREADS = 256           # threads per block, every kernel (BN_THREADS of bn_common.cuh)
-MC_BLOCK = (32, 8)      # channels-last reductions: 32 channels x 8 rows of threads
 CHUNK = 32              # ncs unit: 32 values or float4s, one warp's load (BN_CHUNK)
 LOAD_BYTES = 32         # bytes a thread loads per step before using any of them (BN_LOAD_BYTES)
+FANIN = 32              # partials one block merges at most at the grid level (BN_FANIN): two levels above that
+MC_WIDEST = 32          # channels-last reductions: at most 32 floats or float4s per row of a block
 MIN_PER_THREAD = 16     # a reduction uses fewer blocks rather than give a thread fewer values than this
 MAX_PER_CHANNEL = 2**31 - 2**10   # values per channel: the kernels count them in 32 bits, one step past the end
 
@@ -136,6 +137,12 @@ class Launch(NamedTuple):
         """Slots of the reductions' workspace: block b's partial of group g goes to slot b + g."""
         return self.blocks + self.groups
 
+    @property
+    def counters(self):
+        """Arrival counters of the grid-level merge: one per group, then one per slot (for the runs of
+        ``FANIN`` blocks that start there)."""
+        return self.groups + self.partial_slots
+
     def share(self, b):
         """Units [lo, hi) of block b: lo = floor(b T / P), as ``split_point`` in bn_common.cuh."""
         return self.units * b // self.blocks, self.units * (b + 1) // self.blocks
@@ -148,31 +155,34 @@ def _persistent(units, per_group, block, slots, most=None):
 
 
 def reduction_launch(lay, vec, slots, blocks=None):
-    """Grid of ``bn_forward_stats_*`` and ``bn_backward_reduce_*`` (``vec``: 4 for the ncs _vec4 kernels, else 1).
+    """Grid of ``bn_forward_stats_*`` and ``bn_backward_reduce_*`` (``vec``: 4 for the _vec4 kernels, else 1).
 
     ``slots``: resident blocks of the kernel on the whole GPU. Fewer blocks when the tensor is small, so that
     each thread still folds ``MIN_PER_THREAD`` values; ``blocks`` overrides the count (tests use it to force a
-    grid-level merge).
+    grid-level merge). mc: 2-D blocks from :func:`row_block`, at most ``MC_WIDEST`` vectors wide.
     """
     if lay.kind == "ncs":
         per_group = -(-lay.N * (lay.S // vec) // CHUNK)
         units, block, values = per_group * lay.C, (THREADS, 1, 1), lay.per_channel * lay.C
     else:
-        bx, by = MC_BLOCK
+        bx, by = row_block(lay.C // vec, vec, MC_WIDEST)
         per_group = lay.N
-        units, block = per_group * -(-lay.C // bx), (bx, by, 1)
-        values = units * bx          # threads x rows, idle lanes of a partial column included
+        units, block = per_group * -(-(lay.C // vec) // bx), (bx, by, 1)
+        values = units * bx * vec    # threads x rows, idle lanes of a partial column included
     most = blocks or max(1, values // (THREADS * MIN_PER_THREAD))
     return _persistent(units, per_group, block, blocks or slots, most)
 
 
-def row_block(width):
-    """(bx, by) for rows of ``width`` vectors: bx a multiple of 32 that leaves the fewest lanes idle
-    (ceil(width / bx) * bx - width); ties go to more threads per block, then to wider rows."""
-    def cost(bx):
-        return (-(-width // bx) * bx - width, -(bx * (THREADS // bx)), -bx)
+def row_block(width, vec=1, widest=THREADS):
+    """(bx, by) with bx * by = THREADS for rows of ``width`` vectors of ``vec`` floats: bx a power of two, at
+    most ``widest``, that leaves the fewest lanes idle (ceil(width / bx) * bx - width), ties going to the wider
+    block. A warp then reads 32 / bx rows of bx vectors each, so bx is kept to whole 32-byte sectors (bx * vec
+    >= 8) unless one column holds the whole row (bx >= width: the warp's rows are then contiguous)."""
+    def idle(bx):
+        return -(-width // bx) * bx - width
 
-    bx = min(range(32, THREADS + 1, 32), key=cost)
+    fits = [2**k for k in range(THREADS.bit_length()) if 2**k <= widest and (2**k * vec >= 8 or 2**k >= width)]
+    bx = min(fits, key=lambda bx: (idle(bx), -bx))
     return bx, THREADS // bx
 
 
@@ -185,7 +195,7 @@ def elementwise_launch(lay, vec, slots):
     if lay.kind == "ncs":
         units = -(-lay.N * lay.C * (lay.S // vec) // CHUNK)
         return _persistent(units, units, (THREADS, 1, 1), slots)
-    bx, by = row_block(lay.C // vec)
+    bx, by = row_block(lay.C // vec, vec)
     return _persistent(-(-(lay.C // vec) // bx) * lay.N, lay.N, (bx, by, 1), slots)
 
 

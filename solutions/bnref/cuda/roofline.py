@@ -18,8 +18,9 @@ column follows the usual convention, 2 * numel * 4 bytes for a forward and
 column counts the floor's bytes, re-reads included.
 
 Little's law sets how many bytes each SM must keep in flight to reach a
-bandwidth: bandwidth x latency / SMs (:func:`bytes_in_flight_needed`); the
-kernels keep resident threads x ``plan.LOAD_BYTES`` (:func:`bytes_in_flight`).
+bandwidth: bandwidth x latency / SMs (:func:`bytes_in_flight_needed`); a
+kernel keeps its resident threads times the bytes its compiled hot loop issues
+before it uses any (:func:`bytes_in_flight`, from the committed machine-code report).
 """
 import json
 import math
@@ -62,9 +63,11 @@ def bytes_in_flight_needed(gbps, latency_ns, sms):
 
 def bytes_in_flight(kernel, gpu="H200"):
     """Bytes a full SM of ``kernel`` has in flight at best: resident threads (from the ptxas report) times the
-    ``plan.LOAD_BYTES`` each issues before using any."""
-    sms = plan.GPUS[gpu][1]
-    return plan.resident_blocks(kernel, gpu) // sms * plan.THREADS * plan.LOAD_BYTES
+    bytes each issues before it uses one, as the machine code of its hot loop shows (``bytes_before_use`` of
+    the committed report, bnref.cuda.sass)."""
+    arch, sms = plan.GPUS[gpu]
+    per_thread = plan.ptxas_table()[(kernel, arch)]["bytes_before_use"]
+    return plan.resident_blocks(kernel, gpu) // sms * plan.THREADS * per_thread
 
 
 def torch_backend(kernels):
