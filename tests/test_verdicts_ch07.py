@@ -4,7 +4,7 @@ through its probe and its verdict (``check("ch07.<name>", namespace)``), in-proc
 The students are written here as a notebook would hold them: sources executed into a namespace of their own, or
 functions of this module (which does not import the reference package).
 """
-import re
+import functools
 import sys
 
 import numpy as np
@@ -15,6 +15,7 @@ from bngrade.judge.check import check
 from bngrade.verdicts import ch07
 from class_roster import ROSTER
 from submissions import solution_cells
+import differential
 
 CHECKS = ("dropout_train", "dropout_eval", "dropout_classic", "dropout_backward")
 
@@ -37,15 +38,10 @@ def solution_source(replace=()):
 
 
 def run_all(namespace):
-    for name in CHECKS:
-        check(f"ch07.{name}", namespace)
+    differential.passes("ch07", CHECKS, namespace)
 
 
-def fails(name, namespace, says):
-    """Assert that check ``name`` fails on ``namespace`` with a message containing ``says``; returns it."""
-    with pytest.raises(AssertionError, match=re.escape(says)) as err:
-        check(f"ch07.{name}", namespace)
-    return str(err.value)
+fails = functools.partial(differential.fails, "ch07")
 
 
 def test_the_solution_passes():

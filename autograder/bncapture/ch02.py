@@ -97,17 +97,24 @@ def update_running_stats(p):
     each(p, "case", p.student("update_running_stats"), running_cases(), after=True)
 
 
+def build_layer(p, key, cls, d, momentum, gamma, beta):
+    """The student's layer ``cls(d, momentum=momentum)`` with gamma and beta set (recorded as ``key``), or None."""
+    layer = p.call(key, cls, d, momentum=momentum, keep=lambda r: None)
+    if layer is not None:
+        try:
+            layer.gamma, layer.beta = gamma.copy(), beta.copy()
+        except Exception:  # the steps' records show what such a layer does
+            pass
+    return layer
+
+
 def batchnorm1d(p):
     """Each run: build the layer, set gamma and beta, step through the modes; record outputs and buffers."""
     cls = p.student("BatchNorm1d")
     for run, (n, d, momentum, gamma, beta, steps) in enumerate(layer_runs()):
-        layer = p.call(f"{run}.init", cls, d, momentum=momentum, keep=lambda r: None)
+        layer = build_layer(p, f"{run}.init", cls, d, momentum, gamma, beta)
         if layer is None:
             continue
-        try:
-            layer.gamma, layer.beta = gamma.copy(), beta.copy()
-        except Exception:
-            pass
         for step, (mode, x) in enumerate(steps):
             p.call(f"{run}.{step}.mode", getattr(layer, mode, None), keep=lambda r: None)
             p.call(f"{run}.{step}.out", getattr(layer, "forward", None), x)

@@ -149,13 +149,9 @@ def batchnorm1d_backward(p):
     ch02.batchnorm1d(p)
     cls = p.student("BatchNorm1d")
     for run, (n, d, momentum, gamma, beta, steps) in enumerate(layer_backward_runs()):
-        layer = p.call(f"b{run}.init", cls, d, momentum=momentum, keep=lambda r: None)
+        layer = ch02.build_layer(p, f"b{run}.init", cls, d, momentum, gamma, beta)
         if layer is None:
             continue
-        try:
-            layer.gamma, layer.beta = gamma.copy(), beta.copy()
-        except Exception:
-            pass
         for step, (mode, x, dout) in enumerate(steps):
             key = f"b{run}.{step}"
             p.call(f"{key}.mode", getattr(layer, mode, None), keep=lambda r: None)

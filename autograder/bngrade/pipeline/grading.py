@@ -8,7 +8,6 @@ reported by name and the rest of the class is graded. Flags for the instructor's
 """
 import csv
 import json
-import os
 import time
 from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
