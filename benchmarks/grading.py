@@ -25,7 +25,7 @@ import nbformat
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bngrade.judge import autograde
-from bngrade.pipeline import grading
+from bngrade.pipeline import executors, grading
 from bngrade import sandbox  # noqa: E402
 from bngrade.pipeline.course import Course  # noqa: E402
 from submissions import make_submission  # noqa: E402
@@ -47,7 +47,7 @@ def overhead(course, assignment, repeats):
             for boxed in (True, False):
                 start = time.perf_counter()
                 _, status, probed, records, _ = autograde.execute(solved, "nb.ipynb", assignment, settings,
-                                                                  sandbox.Limits(), use_sandbox=boxed)
+                                                                  sandbox.Limits(), executor=executors.Local(boxed))
                 times[boxed].append(time.perf_counter() - start)
                 assert status["ended"] == "ok" and probed["ended"] == "ok" and len(records) == len(tests), status
     return statistics.median(times[True]), statistics.median(times[False])

@@ -7,7 +7,7 @@ import pytest
 
 from bncapture import codec
 from bngrade import sandbox
-from bngrade.pipeline import grading
+from bngrade.pipeline import executors, grading
 from bngrade.pipeline.intake import Problem
 
 
@@ -102,7 +102,7 @@ def test_the_same_runner_sees_the_repository_only_without_the_sandbox():
     seen = {}
     for boxed in (True, False):
         executed, status, probed, records, exceeded = autograde.execute(
-            nb, "nb.ipynb", "ch02_batchnorm_forward", {"timeout": 60}, sandbox.Limits(), use_sandbox=boxed)
+            nb, "nb.ipynb", "ch02_batchnorm_forward", {"timeout": 60}, sandbox.Limits(), executor=executors.Local(boxed))
         assert status["ended"] == probed["ended"] == "ok" and not exceeded, (status, probed)
         tree, _ = records["test_bias"]
         seen[boxed] = (executed.cells[0].outputs[0]["text"].strip(),

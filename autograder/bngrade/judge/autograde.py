@@ -24,10 +24,7 @@ import json
 import os
 import re
 import resource
-import shutil
-import tempfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,17 +32,17 @@ import nbformat
 from nbformat.v4 import new_output
 from nbgrader.preprocessors import Execute, NbGraderPreprocessor
 
-import bncapture
 from bncapture import cases, codec
 
 from bngrade import sandbox
+from bngrade.pipeline import executors
+from bngrade.sandbox import bundle
 from bngrade.judge.check import judge, names_of
 from bngrade.judge.frameworks import unavailable_paths
 from bngrade.judge.hidden import (check_keys, grade_id, hidden_code, is_answer_cell, is_students, is_test_cell,
                                   without_hidden)
 from bngrade.judge.scan import defined_sources, scan
 
-CAPTURE_PACKAGE = Path(bncapture.__file__).parent
 OUT_NAME = re.compile(r"^out/([A-Za-z0-9_.\-]{1,100})\.json$")
 MAX_TEXT = 20_000
 #: memory the judging process may add while it decides one notebook (outside every sandbox)
@@ -149,17 +146,6 @@ def parse_probes(blob, limits):
     return status, records
 
 
-def _input_folder(tmp, nb, name, files):
-    """A folder the sandbox reads: the notebook, the given JSON files and the capture helper, readable by all."""
-    folder = Path(tmp)
-    nbformat.write(nb, folder / "notebook.ipynb")
-    for file_name, content in files.items():
-        (folder / file_name).write_text(json.dumps(content))
-    shutil.copytree(CAPTURE_PACKAGE, folder / "lib" / "bncapture", ignore=shutil.ignore_patterns("__pycache__"))
-    os.chmod(folder, 0o755)
-    return folder
-
-
 def salt_from_env():
     """The grading run's secret input salt (``BNGRADE_SALT``, set by ``bngrade grade``), or None."""
     value = os.environ.get("BNGRADE_SALT")
@@ -176,8 +162,18 @@ def salted(salt):
         cases.SALT = before
 
 
-def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_sandbox=True, salt=None):
-    """Run the notebook and the probes of ``nb`` in two fresh sandboxes at once (one run each).
+def _without_points(nb):
+    """A copy of ``nb`` without the cells' points, which no sandbox reads: a change of points changes no
+    execution cache key."""
+    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
+    for cell in copy.cells:
+        cell.metadata.get("nbgrader", {}).pop("points", None)
+    return copy
+
+
+def execute(nb, name, assignment, settings, limits, gpu=False, salt=None, executor=None):
+    """Run the notebook and the probes of ``nb`` in two fresh sandboxes at once (one run each), through
+    ``executor`` (:mod:`bngrade.pipeline.executors`; default: here, sandboxed).
 
     Args:
         nb: the sanitized notebook (test cells as the instructor wrote them).
@@ -187,7 +183,8 @@ def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_
     Returns:
         (executed notebook or None, notebook status, probe status, {cell: records}, limits exceeded).
     """
-    notebook = nbformat.from_dict(json.loads(json.dumps(nb)))
+    source = _without_points(nb)
+    notebook = _without_points(nb)
     plan = {}
     for cell in notebook.cells:
         if is_test_cell(cell) and hidden_code(cell):
@@ -196,27 +193,16 @@ def execute(nb, name, assignment, settings, limits, gpu=False, extra_ro=(), use_
     cell_seconds = float(settings.get("timeout") or 120)
     probe_plan = {"cells": plan, "probe_seconds": cell_seconds, "cell_seconds": cell_seconds, "isolate": not gpu,
                   "salt": salt}
-
-    def stage(module, source, files, hide=()):
-        with tempfile.TemporaryDirectory(prefix="bngrade-in-") as tmp:
-            folder = _input_folder(tmp, source, name, files)
-            if use_sandbox:
-                return sandbox.run(folder, limits, gpu=gpu, extra_ro=extra_ro, module=module, hide=hide)
-            return sandbox.run_unsandboxed(folder, limits, extra_ro=extra_ro, module=module)
-
-    with ThreadPoolExecutor(2) as pool:
-        ran = pool.submit(stage, "bncapture.notebook", notebook, {"settings.json": {"name": name,
-                                                                                    "execute": settings}})
-        probed = pool.submit(stage, "bncapture.answers", nb, {"plan.json": probe_plan},
-                             unavailable_paths(assignment))
-        ran, probed = ran.result(), probed.result()
-    executed, status = parse_notebook(ran.results, limits)
-    probe_status, records = parse_probes(probed.results, limits)
-    exceeded = list(dict.fromkeys(ran.exceeded + probed.exceeded))
-    if ran.exceeded:
-        status = {"ended": "killed", "error": "; ".join(ran.exceeded), "cells": {}}
-    if probed.exceeded:
-        probe_status = {"ended": "killed", "error": "; ".join(probed.exceeded), "cells": {}}
+    blob = bundle.make_bundle(nbformat.writes(notebook), nbformat.writes(source), settings, probe_plan, limits, name,
+                              assignment, gpu)
+    ran, probed, ran_exceeded, probed_exceeded, _ = bundle.read_result((executor or executors.Local())(blob, gpu))
+    executed, status = parse_notebook(ran, limits)
+    probe_status, records = parse_probes(probed, limits)
+    exceeded = list(dict.fromkeys(ran_exceeded + probed_exceeded))
+    if ran_exceeded:
+        status = {"ended": "killed", "error": "; ".join(ran_exceeded), "cells": {}}
+    if probed_exceeded:
+        probe_status = {"ended": "killed", "error": "; ".join(probed_exceeded), "cells": {}}
     return executed, status, probe_status, records, exceeded
 
 
@@ -229,13 +215,14 @@ class SandboxedExecute(Execute):
                     "error_on_timeout": self.error_on_timeout, "extra_arguments": list(self.extra_arguments)}
         name = Path(resources.get("metadata", {}).get("name", "notebook")).name + ".ipynb"
         assignment = resources.get("nbgrader", {}).get("assignment", "")
-        options = {"limits": limits_from_env(), "gpu": os.environ.get("BNGRADE_GPU") == "1",
-                   "extra_ro": [p for p in os.environ.get("BNGRADE_SANDBOX_PYTHONPATH", "").split(os.pathsep) if p],
-                   "use_sandbox": os.environ.get("BNGRADE_NO_SANDBOX") != "1", "salt": salt_from_env()}
-        executed, status, probe_status, records, _ = execute(nb, name, assignment, settings, **options)
+        executor = executors.from_env()
+        executed, status, probe_status, records, _ = execute(nb, name, assignment, settings, limits_from_env(),
+                                                             os.environ.get("BNGRADE_GPU") == "1",
+                                                             salt_from_env(), executor)
         ran = _merge_outputs(nb, executed)
         resources["bngrade"] = {"status": status, "probe_status": probe_status, "records": records, "ran": ran,
-                                "sandboxed": options["use_sandbox"], "work": work}
+                                "sandboxed": executor.use_sandbox,
+                                "cached": getattr(executor, "hit", False), "work": work}
         return nb, resources
 
 
@@ -329,7 +316,8 @@ class Judge(NbGraderPreprocessor):
             flags.append(("*", "graded without a sandbox"))
         report = info["work"] / "reports" / f"{student}.json"
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps({"problems": problems, "flags": flags, "sandboxed": info["sandboxed"]}))
+        report.write_text(json.dumps({"problems": problems, "flags": flags, "sandboxed": info["sandboxed"],
+                                      "cached": info["cached"]}))
         return nb, resources
 
     @staticmethod

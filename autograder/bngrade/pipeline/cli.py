@@ -11,14 +11,19 @@ elsewhere `grade` refuses them with exit code 2 before collecting anything.
 Every submission runs in its own bubblewrap sandbox (no network, no view of the course, the
 solutions or your HOME, limited memory, processes, disk, output and time) and is judged outside
 it. Where no sandbox can be made, `grade` refuses unless --no-sandbox is given.
+
+`grade --cluster tcp://HOST:8786` runs the sandboxed step on a Dask cluster's workers instead; results are
+kept in COURSE/.bngrade/cache/, so a regrade after a change to a verdict re-executes nobody (--no-cache: all).
 """
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 
 from bngrade.pipeline.course import DEFAULT_COURSE, Course, assignments
-from bngrade.pipeline.grading import default_limits, export_grades, format_report, grade_class
+from bngrade.pipeline.grading import (default_limits, export_grades, format_report, from_cache,
+                                     grade_class)
 from bngrade.pipeline.intake import Problem
 
 
@@ -34,7 +39,12 @@ def main(argv=None):
     grade.add_argument("assignment", choices=assignments())
     grade.add_argument("submissions", help="folder of per-student folders, or an LMS zip")
     grade.add_argument("--quiet", action="store_true", help="no progress bar")
-    grade.add_argument("-j", "--jobs", type=int, default=1, help="students graded in parallel (default: 1)")
+    grade.add_argument("-j", "--jobs", type=int, default=None,
+                       help="students graded in parallel (default: 1, or the cluster's task slots)")
+    grade.add_argument("--cluster", default=os.environ.get("BNGRADE_CLUSTER") or None, metavar="tcp://HOST:8786",
+                       help="run the sandboxed step on this Dask scheduler's workers (default: $BNGRADE_CLUSTER)")
+    grade.add_argument("--no-cache", action="store_true",
+                       help="execute every student again instead of reusing COURSE/.bngrade/cache/")
     grade.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: nbgrader config)")
     limits = grade.add_argument_group("sandbox limits, per submission")
     limits.add_argument("--memory-gb", type=float, default=None, help="memory (default: 4)")
@@ -67,11 +77,14 @@ def main(argv=None):
         try:
             report, grades = grade_class(course, args.assignment, args.submissions,
                                          progress=not args.quiet, cell_timeout=args.cell_timeout, jobs=args.jobs,
-                                         limits=limits, sandboxed=not args.no_sandbox)
+                                         limits=limits, sandboxed=not args.no_sandbox, cluster=args.cluster,
+                                         cache=not args.no_cache)
         except Problem as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(format_report(report))
+        reused = from_cache(course, args.assignment, report)
+        print(f"from the execution cache: {len(reused)} of {len(report)} students")
         print(f"grades: {grades}")
         print(f"flags for review: {course.path('flags.csv')}")
         print(f"feedback: {course.path('feedback')}")

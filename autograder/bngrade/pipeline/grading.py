@@ -17,6 +17,7 @@ import nbformat
 from tqdm.auto import tqdm
 
 from bngrade import sandbox
+from bngrade.pipeline import executors
 from bngrade.pipeline.device import GPU_ASSIGNMENTS, GPU_NOTEBOOK_WALL_SECONDS, require_device
 from bngrade.pipeline.intake import STUDENT_ID, Problem, collect
 
@@ -87,14 +88,39 @@ def default_limits(assignment):
     return sandbox.Limits(wall=wall)
 
 
-def run_env(course, assignment, limits, sandboxed=True):
-    """Environment of one grading run's nbgrader processes: where the reports go, the limits, the GPU."""
+def run_env(course, assignment, limits, sandboxed=True, cluster=None, cache=True):
+    """Environment of one grading run's nbgrader processes: where the reports go, the limits, the GPU, the
+    executor (:func:`bngrade.pipeline.executors.from_env`) and the execution cache (``cache=False``: run
+    everyone again, and keep the new results)."""
     env = {"BNGRADE_WORK": str(course.path(".bngrade", assignment)), "BNGRADE_SALT": str(course.salt()),
            "BNGRADE_LIMITS": json.dumps(asdict(limits)),
-           "BNGRADE_GPU": "1" if assignment in GPU_ASSIGNMENTS else "0"}
+           "BNGRADE_GPU": "1" if assignment in GPU_ASSIGNMENTS else "0",
+           "BNGRADE_CACHE": str(course.path(".bngrade", "cache")), "BNGRADE_NO_CACHE": "0" if cache else "1",
+           "BNGRADE_CLUSTER": cluster or ""}
     if not sandboxed:
         env["BNGRADE_NO_SANDBOX"] = "1"
     return env
+
+
+def cluster_slots(assignment, address):
+    """Task slots of the Dask cluster at ``address``, checked before anything is collected.
+
+    Raises:
+        Problem: when the scheduler cannot be reached, has no worker, or (for a GPU assignment) has no worker
+        that declares a GPU resource.
+    """
+    try:
+        client = executors.connect(address)
+    except (OSError, TimeoutError) as exc:
+        raise Problem(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    with client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        if not workers:
+            raise Problem(f"the Dask scheduler at {address} has no worker")
+        if assignment in GPU_ASSIGNMENTS and not executors.gpu_workers(client):
+            raise Problem(f"{assignment} needs a GPU, and no worker of {address} declares one: start a worker "
+                          "on a GPU machine with `dask worker --resources GPU=1`")
+        return sum(info.get("nthreads", 1) for info in workers.values())
 
 
 def read_report(course, assignment, student):
@@ -137,6 +163,19 @@ def autograde_student(course, assignment, student, cell_timeout=None, limits=Non
     return problems
 
 
+def from_cache(course, assignment, students):
+    """Those of ``students`` whose last grading reused the execution cache instead of running."""
+    found = set()
+    for student in students:
+        try:
+            report = json.loads(course.path(".bngrade", assignment, "reports", f"{student}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if report.get("cached"):
+            found.add(student)
+    return found
+
+
 def write_flags(course, assignment, students):
     """``flags.csv`` next to grades.csv: one row per flag (student, assignment, cell, what); returns its path."""
     path = course.path("flags.csv")
@@ -163,8 +202,8 @@ def ensure_students(course, students):
             gb.update_or_create_student(student)
 
 
-def grade_class(course, assignment, submissions, progress=True, cell_timeout=None, jobs=1, limits=None,
-                sandboxed=True):
+def grade_class(course, assignment, submissions, progress=True, cell_timeout=None, jobs=None, limits=None,
+                sandboxed=True, cluster=None, cache=True):
     """Collect, autograde, export and generate feedback for a whole class.
 
     Args:
@@ -175,16 +214,23 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
         jobs: students graded at the same time, each in its own nbgrader process and sandbox.
         limits: :class:`bngrade.sandbox.Limits` (default: :func:`default_limits`).
         sandboxed: False only for ``--no-sandbox``: every row is then marked as graded without one.
+        cluster: address of a Dask scheduler (``tcp://HOST:8786``) whose workers run the sandboxed step; each
+            student still has a local nbgrader process, ``jobs`` of them at once (default: the cluster's slots).
+        cache: False runs every student again instead of reusing the execution cache (``.bngrade/cache/``).
 
     Returns:
         {student: [problems]} for every student found, and the path of grades.csv.
 
     Raises:
-        Problem: before anything is collected, for a GPU assignment on a machine without a GPU, or when no
-        sandbox can be made here and ``sandboxed`` is True.
+        Problem: before anything is collected, for a GPU assignment on a machine (or cluster) without a GPU,
+        when no sandbox can be made here and ``sandboxed`` is True, or when the cluster cannot be reached.
     """
-    require_device(assignment)
-    if sandboxed:
+    if cluster:
+        slots = cluster_slots(assignment, cluster)
+        jobs = jobs or slots
+    else:
+        require_device(assignment)
+    if sandboxed and not cluster:
         why = sandbox.available()
         if why:
             raise Problem(f"cannot grade in a sandbox on this machine: {why}. Student code would run with your "
@@ -193,8 +239,9 @@ def grade_class(course, assignment, submissions, progress=True, cell_timeout=Non
     students, intake_problems = collect(submissions, assignment, course)
     course.path(".bngrade", assignment, "reports").mkdir(parents=True, exist_ok=True)
     report = {who: [msg] for who, msg in intake_problems.items()}
-    env = run_env(course, assignment, limits, sandboxed)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    env = run_env(course, assignment, limits, sandboxed, cluster, cache)
+    jobs = max(1, jobs or 1)
+    with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(autograde_student, course, assignment, s, cell_timeout, limits, env): s
                    for s in students}
         done = as_completed(futures)
