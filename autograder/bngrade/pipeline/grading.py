@@ -43,7 +43,7 @@ def _cell_errors(notebook):
 
 def _summarize_failure(log):
     """The most telling line of a failed nbgrader run."""
-    for key in ("DeadKernelError", "Kernel died", "CellTimeoutError", "Timeout", "NotJSONError", "Error"):
+    for key in ("EnvironmentMismatchError:", "DeadKernelError", "Kernel died", "CellTimeoutError", "Timeout", "NotJSONError", "Error"):
         for line in log.splitlines():
             if key in line:
                 return line.strip()[:300]

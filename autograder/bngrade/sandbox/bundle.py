@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from dataclasses import asdict
@@ -60,8 +61,9 @@ def capture_files():
 @lru_cache(maxsize=1)
 def fingerprint():
     """{part: sha256} of what this machine's sandboxes depend on besides the bundle: the capture helper, the
-    installed packages and their versions, bwrap's version, the Python version."""
-    packages = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
+    packages installed in this Python's environment and their versions, bwrap's version, the Python version."""
+    where = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions(path=where)})
     tool = bwrap()
     version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout if tool else "none"
     parts = {"capture helper": _dumps({k: hashlib.sha256(v).hexdigest() for k, v in capture_files().items()}),
