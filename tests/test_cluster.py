@@ -99,3 +99,13 @@ def test_the_cluster_grades_as_locally_and_a_killed_worker_loses_nobody(cluster,
     assert killed and workers[killed[0]].wait() == -signal.SIGKILL
     assert all(not problems for problems in report.values()), report
     assert grades(course) == local
+
+
+def test_the_slurm_configuration_writes_a_job_script_for_a_grading_worker():
+    """Without Slurm: the README's configuration builds, and its job script starts one-slot workers in the venv."""
+    from bngrade.pipeline.slurm import slurm_cluster
+
+    with slurm_cluster("/shared/course/.venv", queue="gpu", gpu=True) as cluster:
+        script = cluster.job_script()
+    assert "source /shared/course/.venv/bin/activate" in script and "#SBATCH --gres=gpu:1" in script
+    assert "--nthreads 1" in script and "--resources GPU=1" in script and "#SBATCH -p gpu" in script
