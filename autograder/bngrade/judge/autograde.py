@@ -38,7 +38,6 @@ from bngrade import sandbox
 from bngrade.pipeline import executors
 from bngrade.sandbox import bundle
 from bngrade.judge.check import judge, names_of
-from bngrade.judge.frameworks import unavailable_paths
 from bngrade.judge.hidden import (check_keys, grade_id, hidden_code, is_answer_cell, is_students, is_test_cell,
                                   without_hidden)
 from bngrade.judge.scan import defined_sources, scan
