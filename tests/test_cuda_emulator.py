@@ -211,8 +211,9 @@ def test_merging_the_partials_in_arrival_order_depends_on_the_block_order(mutate
     """The last block merges a channel's partials in slot order, so the result is the same whichever block is last;
     storing each partial at its arrival position instead would not be (on some inputs: float32 rounding
     differs between two merge orders only now and then)."""
-    mutate("bn_forward.cu", "arrive(v, partials, sh.first + k, counters + groups + sh.first + run,",
-           "arrive(v, partials, sh.first + run + counters[groups + sh.first + run], counters + groups + sh.first + run,")
+    counter = "counters + groups + sh.first + run"
+    mutate("bn_forward.cu", f"arrive(v, partials, sh.first + k, {counter},",
+           f"arrive(v, partials, sh.first + run + *({counter}), {counter},")
     x = (3.0 + 2.0 * np.random.default_rng(1).standard_normal((3, 5, 4, 1000))).astype(np.float32)
     results = []
     for order in ("forward", "reverse", "shuffled"):

@@ -164,8 +164,8 @@ def test_ptxas_report_parser():
 
 # --- the launch plan --------------------------------------------------------------------------
 
-BENCH_SHAPES = [(256, 4096), (8192, 4096), (32, 64, 56, 56), (256, 256, 14, 14), (64, 256, 56, 56),
-                (256, 64, 112, 112)]
+BENCH_SHAPES = [(256, 4096), (8192, 4096), (32, 64, 56, 56), (256, 256, 14, 14), (256, 512, 7, 7),
+                (64, 256, 56, 56), (256, 64, 112, 112)]
 
 
 def planned_launches(shape, layout, gpu_name):
@@ -541,14 +541,21 @@ def test_benchmark_exits_with_a_message_and_writes_nothing_without_a_gpu(tmp_pat
 
 def test_roofline_helpers_draw_a_results_file_schema(tmp_path):
     """The page's plotting code on made-up results dicts (schema only; never written to disk): the rows
-    benchmarks/gpu_batchnorm.py writes now (layouts, host time, effective GB/s, L2 flag, torch's kernels),
+    benchmarks/gpu_batchnorm.py writes now (layouts, host time, percentiles, effective GB/s, L2 flag, our
+    kernels' launches and shares, torch's kernels, the host-inclusive ratio) as its own row printer shows them,
     and rows of the first schema, without those columns."""
+    import importlib.util
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fake = {"device": "schema test", "date": "-", "copy_gbps": 100.0, "repeats": 1, "method": "made up", "rows": []}
+    spec = importlib.util.spec_from_file_location("gpu_batchnorm", roofline.RESULTS_DIR.parents[1] / "gpu_batchnorm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fake = {"device": "schema test", "date": "-", "copy_gbps": 100.0, "memcpy_gbps": 90.0, "copy4_gbps": 100.0,
+            "read_gbps": 110.0, "repeats": 1, "method": "made up", "rows": []}
     old = {"device": "first schema", "date": "-", "copy_gbps": 100.0, "repeats": 1, "rows": []}
     for shape in [(4, 8), (2, 3, 4, 4)]:
         numel = int(np.prod(shape))
@@ -559,7 +566,12 @@ def test_roofline_helpers_draw_a_results_file_schema(tmp_path):
                    "torch_cudnn_ms": None}
             old["rows"].append(row)
             for layout in ("NCHW", "NHWC") if len(shape) == 4 else ("NCHW",):
+                kernels = [{"kernel": "bn_forward_stats_ncs_vec4", "vec": 4, "grid": [792, 1, 1], "block": [256, 1, 1],
+                            "blocks_per_sm": 6, "registers": 40, "smem": 385, "ms": floor, "share": 0.5}]
                 fake["rows"].append({**row, "layout": layout, "ours_host_us": 30.0, "gaps_hidden": True,
+                                     "ours_p10_ms": 1.9 * floor, "ours_p90_ms": 2.1 * floor,
+                                     "ours_user_ms": 2 * floor, "ours_kernels": kernels,
+                                     "torch_cudnn_user_over_ours": 1.25,
                                      "ours_eff_gbps": roofline.effective_gbps(numel, p, 2 * floor),
                                      "l2_resident": roofline.l2_resident(numel, p, 50 << 20),
                                      "torch_cudnn_ms": 3 * floor, "torch_cudnn_over_ours": 1.5,
@@ -568,9 +580,15 @@ def test_roofline_helpers_draw_a_results_file_schema(tmp_path):
                                      "torch_native_ms": 4 * floor, "torch_native_over_ours": 2.0,
                                      "torch_native_kernels": ["void at::native::batch_norm_collect_statistics()"]})
     table = roofline.results_table(fake)
-    assert "schema test" in table and "2×3×4×4 NHWC" in table and " L2 " in table
+    assert "schema test" in table and "2×3×4×4 NHWC" in table and " L2 " in table and "read 110" in table
     assert " cuDNN " in table and " native " in table, "what torch ran with cuDNN enabled: cuDNN only from 3-D"
-    assert "first schema" in roofline.results_table(old)
+    assert " 1.25 " in table, "torch over ours with the host time counted"
+    shares = roofline.kernel_shares_table(fake)
+    assert "bn_forward_stats_ncs_vec4      792 x  256x1 vec 4  6/SM  40 regs  50.0 %" in shares
+    assert "first schema" in roofline.results_table(old) and roofline.kernel_shares_table(old) == ""
+    assert "goals met: 9 of 18" in roofline.goals_table(fake), "twice the floor misses; torch at 1.5x meets its"
+    line = bench.format_row(fake["rows"][-1])
+    assert "forward_stats_ncs_vec4 50%" in line and "(with host 1.25)" in line
     fig, ax = plt.subplots()
     roofline.plot_results([fake, old], ax)
     roofline.plot_floors([(4, 8)], ax)

@@ -139,12 +139,9 @@ def _answer_cell(nb, grade_id=None):
 
 
 def _digest(paths):
-    h = hashlib.sha256()
-    for root in paths:
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                h.update(str(path).encode() + path.read_bytes())
-    return h.hexdigest()
+    """{file: sha256} of every file below ``paths``."""
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for root in paths
+            for path in sorted(root.rglob("*")) if path.is_file() and "__pycache__" not in path.parts}
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +206,7 @@ def hostile(course, tmp_path_factory, monkeypatch_module):
         leaked = b""
     listener.close()
     return {"report": report, "grades": grades, "plan": plan, "home": home, "seconds": seconds, "leaked": leaked,
-            "repo_same": _digest(protected) == before, "folder": folder}
+            "repo_changed": sorted(set(_digest(protected).items()) ^ set(before.items())), "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +246,7 @@ def test_honest_students_graded_after_them_keep_full_marks_and_raise_no_flag(hos
 
 
 def test_repository_home_and_network_are_untouched(hostile):
-    assert hostile["repo_same"], "autograder/ or solutions/ changed during grading"
+    assert not hostile["repo_changed"], f"changed during grading: {hostile['repo_changed'][:6]}"
     assert not list(hostile["home"].rglob("00-cheat.py")), "a startup file was planted in the grader's HOME"
     assert hostile["leaked"] == b"", "a submission reached the grader's machine over the network"
 

@@ -110,8 +110,8 @@ def test_the_leak_check_catches_a_leak(tmp_path):
 # the reference package (Python; chapter 5's page shows its CUDA kernels on purpose), the hidden
 # checks and the keys of the conceptual questions.
 PRIVATE_SOURCES = [*sorted((REPO / "solutions" / "bnref").rglob("*.py")),
-                   *sorted((REPO / "autograder" / "bngrade").glob("ch*.py")),
-                   REPO / "autograder" / "bngrade" / "questions.py"]
+                   *sorted((REPO / "autograder" / "bngrade" / "verdicts").glob("ch*.py")),
+                   REPO / "autograder" / "bngrade" / "verdicts" / "questions.py"]
 PUBLISHED_TEXT = {".html", ".ipynb", ".md", ".txt", ".js", ".json", ".css", ".svg", ""}
 
 
@@ -154,10 +154,10 @@ def test_the_published_tree_check_catches_a_planted_leak(published, tmp_path):
     """A copy of the tree passes; each copy with one leak planted in it fails."""
     secrets = published_secrets()
     solution = next(s for s, a in secret_lines().items() if a != "marker")
-    check = next(s for s, a in secrets.items() if a.startswith("autograder/bngrade/ch"))
+    check = next(s for s, a in secrets.items() if a.startswith("autograder/bngrade/verdicts/ch"))
     key = next(s for s, a in secrets.items() if a.endswith("questions.py") and '"answer"' in s)
     reference = next(s for s, a in secrets.items() if a.startswith("solutions/bnref/"))
-    grader_file = REPO / "autograder" / "bngrade" / "questions.py"
+    grader_file = REPO / "autograder" / "bngrade" / "verdicts" / "questions.py"
 
     def add_cell(text, source):
         nb = json.loads(text)

@@ -147,15 +147,16 @@ __device__ __forceinline__ void backward_reduce_mc(const T* __restrict__ dy, con
             const int row = seg.lo + threadIdx.y;
             walk_strided<Unroll<T, 2>::value, Pair<T>>(
                 row, seg.hi, by, (long long)row * Cv + cv, (long long)by * Cv,
-                [&](long long i) { return load_pair(dy, x, i); }, [&](const auto& v, long long) { push(acc, v, mean); });
+                [&](long long i) { return load_pair(dy, x, i); },
+                [&](const auto& v, long long) { push(acc, v, mean); });
         }
         acc = tree(acc);
         const Sharing sh = sharing(units, M, seg.group);
-        if (sh.count > 1 &&
-            !merge_blocks(acc, partials, counters, groups, seg.group, sh, blockIdx.x + seg.group - sh.first, team, tree)) {
-            continue;
+        const unsigned int k = blockIdx.x + seg.group - sh.first;   // this block's place among the group's
+        if (sh.count > 1 && !merge_blocks(acc, partials, counters, groups, seg.group, sh, k, team, tree)) continue;
+        if (threadIdx.y == 0 && team.has_lane) {
+            finalize_backward(acc, cv, L * Cv, M, save_rstd, gamma, dgamma, dbeta, coef);
         }
-        if (threadIdx.y == 0 && team.has_lane) finalize_backward(acc, cv, L * Cv, M, save_rstd, gamma, dgamma, dbeta, coef);
     }
 }
 

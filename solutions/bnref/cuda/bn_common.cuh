@@ -473,7 +473,8 @@ struct RowWalk {
 template <class Fold, class Visit>
 __device__ __forceinline__ void row_windows(long long R, int S, Fold fold, Visit visit) {
     const long long chunks = (R * S + BN_CHUNK - 1) / BN_CHUNK;
-    const long long lo = split_point(chunks, blockIdx.x) * BN_CHUNK, end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK;
+    const long long lo = split_point(chunks, blockIdx.x) * BN_CHUNK;
+    const long long end = split_point(chunks, blockIdx.x + 1) * BN_CHUNK;
     const long long hi = end < R * S ? end : R * S;
     for (long long r0 = lo / S; r0 * S < hi; r0 += blockDim.x) {
         const long long row = r0 + threadIdx.x;

@@ -131,15 +131,13 @@ __device__ __forceinline__ void forward_stats_mc(const T* __restrict__ x, int M,
         if (team.has_lane) {
             const int row = seg.lo + threadIdx.y;
             walk_strided<Unroll<T, 1>::value, T>(
-                row, seg.hi, by, (long long)row * Cv + cv, (long long)by * Cv, [&](long long i) { return __ldg(x + i); },
-                [&](const auto& v, long long) { push(m, v); });
+                row, seg.hi, by, (long long)row * Cv + cv, (long long)by * Cv,
+                [&](long long i) { return __ldg(x + i); }, [&](const auto& v, long long) { push(m, v); });
         }
         m = tree(m);
         const Sharing sh = sharing(units, M, seg.group);                                // level 4
-        if (sh.count > 1 &&
-            !merge_blocks(m, partials, counters, groups, seg.group, sh, blockIdx.x + seg.group - sh.first, team, tree)) {
-            continue;
-        }
+        const unsigned int k = blockIdx.x + seg.group - sh.first;   // this block's place among the group's
+        if (sh.count > 1 && !merge_blocks(m, partials, counters, groups, seg.group, sh, k, team, tree)) continue;
         if (threadIdx.y == 0 && team.has_lane) {
             finalize_moments(m, cv, eps, momentum, update_running, save_mean, save_rstd, running_mean, running_var);
         }

@@ -59,9 +59,48 @@ def race_free(cp, inputs, gamma, beta, layout="NCHW", runs=RACE_RUNS, blocks=Non
     return None
 
 
+def memory_shape(shape, layout):
+    """The memory shape of a logical (N, C, ...) ``shape`` in ``layout``: (N, ..., C) for "NHWC"."""
+    return tuple(shape) if layout == "NCHW" else (shape[0], *shape[2:], shape[1])
+
+
 def alternating_inputs(cp, shape, layout, count=2, seed=0):
     """``count`` different (x, dy) pairs of ``shape`` (the memory layout's shape: channels last for "NHWC"), on
     the device, with different means and scales so that no two runs agree by chance."""
     rng = np.random.default_rng(seed)
     return [(cp.asarray((k + 0.5 + (k + 1) * rng.standard_normal(shape)).astype(np.float32)),
              cp.asarray(rng.standard_normal(shape).astype(np.float32))) for k in range(count)]
+
+
+def main(argv=None):
+    """``python -m bnref.cuda.checks [--runs 200] [--shapes 32,64,56,56 ...]``: :func:`race_free` on each logical
+    (N, C, ...) shape, in NCHW and, for 4-D shapes, NHWC. Exits with 1 on a race, 2 without a GPU."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--runs", type=int, default=RACE_RUNS)
+    parser.add_argument("--shapes", nargs="+", type=lambda t: tuple(int(v) for v in t.split(",")),
+                        default=[(32, 64, 56, 56), (256, 512, 7, 7), (256, 4096)])
+    args = parser.parse_args(argv)
+    if not gpu.gpu_available():
+        print(gpu.NO_GPU_MESSAGE)
+        return 2
+    import cupy as cp
+
+    failed = 0
+    for shape in args.shapes:
+        rng = np.random.default_rng(len(shape))
+        gamma = cp.asarray(rng.uniform(0.5, 1.5, shape[1]).astype(np.float32))
+        beta = cp.asarray(rng.normal(size=shape[1]).astype(np.float32))
+        for layout in ("NCHW", "NHWC") if len(shape) == 4 else ("NCHW",):
+            inputs = alternating_inputs(cp, memory_shape(shape, layout), layout)
+            problem = race_free(cp, inputs, gamma, beta, layout, args.runs)
+            print(f"{str(shape):22s} {layout}: {problem or f'{args.runs} runs, each bit-identical to its first'}",
+                  flush=True)
+            failed += problem is not None
+            cp.get_default_memory_pool().free_all_blocks()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

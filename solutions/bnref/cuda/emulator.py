@@ -161,12 +161,21 @@ def build(source):
 
 # --- device memory ------------------------------------------------------------------------------
 
+class MemoryPointer(NamedTuple):
+    """``cupy.cuda.MemoryPointer``: an address, and a copy into it."""
+
+    ptr: int
+
+    def copy_from_device_async(self, src, size, stream=None):
+        ctypes.memmove(self.ptr, src.ptr, size)
+
+
 class Array(np.ndarray):
     """A NumPy array standing for device memory; ``a.data.ptr`` is its address, as in CuPy."""
 
     @property
     def data(self):
-        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        return MemoryPointer(self.__array_interface__["data"][0])
 
     def get(self):
         """A host copy, as ``cupy.ndarray.get()``."""

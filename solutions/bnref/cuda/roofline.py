@@ -134,19 +134,68 @@ def plot_results(results, ax):
 
 def results_table(result):
     """A plain-text table of one results file (L2: the re-read fits in L2, so /floor is no bound; "ran": the
-    kernels torch ran with cuDNN enabled, which are its native ones below 3-D)."""
+    kernels torch ran with cuDNN enabled, which are its native ones below 3-D; "+host": torch over ours on
+    max(GPU time, host time) per call, what a caller from Python sees). Files of earlier schemas lack some
+    columns ("-")."""
     method = result.get("method", "L2 flushed")
-    head = (f"{result['device']}, {result['date']}: measured copy {result['copy_gbps']:.0f} GB/s, "
-            f"median of {result['repeats']} runs, {method}\n"
-            f"{'shape':>22s} {'pass':>17s} {'ours ms':>9s} {'host us':>7s} {'GB/s':>6s} {'eff GB/s':>8s} "
-            f"{'% copy':>6s} {'/floor':>6s} {'L2':>2s} {'torch/ours cuDNN on (ran)':>25s} {'off':>6s}")
+    refs = ", ".join(f"{key[:-5]} {result[key]:.0f}" for key in ("memcpy_gbps", "copy4_gbps", "read_gbps")
+                     if key in result)
+    head = (f"{result['device']}, {result['date']}: copy {result['copy_gbps']:.0f} GB/s"
+            + (f" ({refs})" if refs else "") + f", median of {result['repeats']} runs, {method}\n"
+            f"{'shape':>22s} {'pass':>17s} {'ours ms':>9s} {'p10-p90':>13s} {'host us':>7s} {'GB/s':>6s} "
+            f"{'eff GB/s':>8s} {'% copy':>6s} {'/floor':>6s} {'L2':>2s} {'torch/ours cuDNN on (ran)':>25s} "
+            f"{'+host':>6s} {'off':>6s}")
     lines = [head]
     for r in result["rows"]:
         def fmt(key, spec):
             return format(r[key], spec) if r.get(key) is not None else "-"
-        lines.append(f"{_row_label(r):>22s} {r['pass']:>17s} {fmt('ours_ms', '9.3f')} {fmt('ours_host_us', '7.1f')} "
-                     f"{fmt('ours_gbps', '6.0f')} {fmt('ours_eff_gbps', '8.0f')} {fmt('ours_pct_copy', '6.1f')} "
-                     f"{fmt('ours_over_floor', '6.2f')} {'L2' if r.get('l2_resident') else '':>2s} "
-                     f"{fmt('torch_cudnn_over_ours', '16.2f')} {torch_backend(r.get('torch_cudnn_kernels')) or '':>8s} "
-                     f"{fmt('torch_native_over_ours', '6.2f')}")
+        spread = f"{fmt('ours_p10_ms', '.3f')}-{fmt('ours_p90_ms', '.3f')}" if "ours_p10_ms" in r else "-"
+        lines.append(f"{_row_label(r):>22s} {r['pass']:>17s} {fmt('ours_ms', '9.3f')} {spread:>13s} "
+                     f"{fmt('ours_host_us', '7.1f')} {fmt('ours_gbps', '6.0f')} {fmt('ours_eff_gbps', '8.0f')} "
+                     f"{fmt('ours_pct_copy', '6.1f')} {fmt('ours_over_floor', '6.2f')} "
+                     f"{'L2' if r.get('l2_resident') else '':>2s} {fmt('torch_cudnn_over_ours', '16.2f')} "
+                     f"{torch_backend(r.get('torch_cudnn_kernels')) or '':>8s} "
+                     f"{fmt('torch_cudnn_user_over_ours', '6.2f')} {fmt('torch_native_over_ours', '6.2f')}")
     return "\n".join(lines)
+
+
+def kernel_shares_table(result):
+    """Our kernels in each row of a results file: launch (grid x block, vector width), the driver's resident
+    blocks per SM, registers, and the kernel's share of the pass ("" for files without them)."""
+    lines = []
+    for r in result["rows"]:
+        for k in r.get("ours_kernels", []):
+            lines.append(f"{_row_label(r):>22s} {r['pass']:>17s} {k['kernel']:28s} {k['grid'][0]:5d} x "
+                         f"{'x'.join(map(str, k['block'][:2])):>6s} vec {k['vec']} {k['blocks_per_sm']:2d}/SM "
+                         f"{k['registers']:3d} regs {100 * k['share']:5.1f} %")
+    return "\n".join(lines)
+
+
+# The goals of issue 19, as ratios measured in one run: (pass or "torch", description, value of a row, bound, met).
+GOALS = (
+    ("forward_train", "time / 12 B floor <= 1.15", lambda r, res: r["ours_over_floor"], lambda v, r: v <= 1.15),
+    ("backward", "time / 20 B floor <= 1.15", lambda r, res: r["ours_over_floor"], lambda v, r: v <= 1.15),
+    ("forward_inference", "GB/s / best copy >= 0.90", lambda r, res: r["ours_eff_gbps"] / res["copy_gbps"],
+     lambda v, r: v >= 0.90),
+    ("torch", "torch (cuDNN on) / ours >= 1.0, 1.2 on NCHW with C < 132", lambda r, res: r.get("torch_cudnn_over_ours"),
+     lambda v, r: v >= (1.2 if r.get("layout", "NCHW") == "NCHW" and r["shape"][1] < 132 else 1.0)),
+)
+
+
+def goals(result):
+    """[(row label, pass, goal, value, met)] of every row of a results file against :data:`GOALS` (rows without
+    torch columns skip its goal)."""
+    out = []
+    for r in result["rows"]:
+        for target, text, value, met in GOALS:
+            if target in (r["pass"], "torch") and value(r, result) is not None:
+                v = value(r, result)
+                out.append((_row_label(r), r["pass"], text, v, met(v, r)))
+    return out
+
+
+def goals_table(result):
+    """The misses of :func:`goals`, then a count."""
+    rows = goals(result)
+    lines = [f"{label:>22s} {p:>17s} {text:52s} {v:6.2f}  MISSED" for label, p, text, v, ok in rows if not ok]
+    return "\n".join(lines + [f"goals met: {sum(ok for *_, ok in rows)} of {len(rows)}"])

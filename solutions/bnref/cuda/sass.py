@@ -17,6 +17,7 @@ access two or four. :func:`fences` checks, in the same code, that the grid-level
 on both sides. ``python -m bnref.cuda.nvcc --write`` commits the load order with ptxas' report
 (``ptxas_report.py``), for machines without the tools.
 """
+import importlib.util
 import os
 import re
 import shutil
@@ -48,15 +49,17 @@ class LoadOrder(NamedTuple):
 
 
 def tool():
-    """(path, kind) of a disassembler: ``nvdisasm`` on PATH or beside nvcc (CUDA_HOME), else ``cuobjdump``;
-    (None, None) if there is neither."""
-    homes = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        homes.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    """(path, kind) of a disassembler: ``nvdisasm`` on PATH, beside nvcc (or in CUDA_HOME), or from the pip
+    wheel nvidia-cuda-nvdisasm; else ``cuobjdump`` (which calls nvdisasm since CUDA 13); (None, None) if there is
+    neither."""
+    homes = [Path(h) for h in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if h]
+    if shutil.which("nvcc"):
+        homes.append(Path(os.path.realpath(shutil.which("nvcc"))).parents[1])
+    wheels = importlib.util.find_spec("nvidia")
+    homes += [home for root in (wheels.submodule_search_locations if wheels else []) for home in Path(root).glob("cu*")]
     for name in ("nvdisasm", "cuobjdump"):
-        found = shutil.which(name) or next((str(p) for h in homes if h for p in [Path(h) / "bin" / name]
-                                            if p.is_file() and os.access(p, os.X_OK)), None)
+        found = shutil.which(name) or next((str(home / "bin" / name) for home in homes
+                                            if os.access(home / "bin" / name, os.X_OK)), None)
         if found:
             return found, name
     return None, None
