@@ -1,17 +1,12 @@
-"""Plain data between the grader and the sandbox: a JSON tree plus an ``.npz`` of numeric arrays.
+"""Plain data out of the sandbox: a JSON tree plus numeric arrays (``.npy`` members of a zip).
 
-A value is encoded as a JSON tree whose leaves are JSON scalars or tagged objects:
+A recorded value is a JSON tree whose leaves are JSON scalars or tagged objects:
 
 =====================  ======================================================================
-``{"a": key}``         a numeric NumPy array, stored as ``key`` in the ``.npz``
+``{"a": key}``         a numeric NumPy array, stored under ``key``
 ``{"s": v, "dtype"}``  a NumPy scalar
 ``{"t": [...]}``       a tuple (``"l"`` a list, ``"d"`` a dict with string keys)
-``{"ref": [i, ...]}``  the result of call ``i`` of this cell (and an index path into it), kept in the sandbox
-``{"dev": v}``         ``v`` moved to the GPU with ``cupy.asarray`` (arguments only)
-``{"rng": state}``     a ``numpy.random.Generator`` (PCG64) in this state
-``{"fn": name, ...}``  a public test function of :mod:`bncapture.functions` (arguments only)
-``{"obj": cls, ...}``  an object of the notebook's class ``cls`` with these attributes (arguments only)
-``{"opaque": type}``   an object that stays in the sandbox (results only)
+``{"opaque": type}``   an object that is not plain data: only its type's name is recorded
 =====================  ======================================================================
 
 Everything read back is checked against hard limits and loaded with ``allow_pickle=False``;
@@ -151,14 +146,7 @@ class LazyArrays:
         return check_array(array, f"array {key!r}")
 
 
-def save(path, tree, arrays):
-    """Write ``tree`` to ``path.json`` and ``arrays`` to ``path.npz``."""
-    with open(f"{path}.json", "w") as fh:
-        json.dump(tree, fh)
-    np.savez(f"{path}.npz", **arrays)
-
-
-def loads(text, blob, max_array_bytes=MAX_ARRAY_BYTES):
+def loads(text, blob):
     """Parse a JSON text and the bytes of an ``.npz``, distrusting both.
 
     Returns:
@@ -180,7 +168,7 @@ def loads(text, blob, max_array_bytes=MAX_ARRAY_BYTES):
         try:
             with zipfile.ZipFile(io.BytesIO(blob)) as zf:
                 total = sum(info.file_size for info in zf.infolist())
-                if total > max_array_bytes or len(zf.infolist()) > MAX_ITEMS:
+                if total > MAX_ARRAY_BYTES or len(zf.infolist()) > MAX_ITEMS:
                     raise Malformed("the arrays are larger than the limit")
             with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
                 for key in npz.files:
@@ -221,7 +209,7 @@ def encode_result(value, arrays, prefix, depth=0):
     """A value returned by student code as a JSON tree (numeric arrays go into ``arrays``).
 
     CuPy arrays (anything with ``.get()`` and ``.shape``) are copied to the host first. Objects that are
-    not plain data become ``{"opaque": type name}``: they stay in the sandbox, reachable by reference.
+    not plain data become ``{"opaque": type name}``: nothing of them leaves the sandbox.
     """
     if depth > MAX_DEPTH - 2:
         return {"opaque": "deeply nested data"}
@@ -246,17 +234,3 @@ def encode_result(value, arrays, prefix, depth=0):
     if isinstance(value, dict) and len(value) <= MAX_ITEMS and all(isinstance(k, str) for k in value):
         return {"d": {k: encode_result(v, arrays, prefix, depth + 1) for k, v in value.items()}}
     return {"opaque": type(value).__name__[:100]}
-
-
-def rng_state(generator):
-    """The JSON state of a PCG64 ``numpy.random.Generator``."""
-    state = generator.bit_generator.state
-    if state.get("bit_generator") != "PCG64":
-        raise Malformed(f"only PCG64 generators are supported, not {state.get('bit_generator')}")
-    return state
-
-
-def make_rng(state):
-    generator = np.random.Generator(np.random.PCG64())
-    generator.bit_generator.state = state
-    return generator

@@ -1,9 +1,7 @@
-"""Public test functions and harnesses that the grader can use on a student's code.
+"""Public test functions that chapter 3's probes hand to a student's gradient checker as its ``f``.
 
-The grader names one of these and its parameters as data (``{"fn": name, "args": [...]}``); the sandbox
-builds it here. Most are plain functions of one array ``z`` handed to a student's function (a gradient
-checker's ``f``); some return their argument or a view of it, which a gradient checker must copy before it
-perturbs ``x`` again. None of them is part of any exercise's answer.
+Each is a plain function of one array ``z``; some return their argument or a view of it, which a gradient
+checker must copy before it perturbs ``x`` again. None of them is part of any exercise's answer.
 """
 import numpy as np
 
@@ -76,11 +74,3 @@ class Transpose(Function):
     @staticmethod
     def apply(z):
         return z.T
-
-
-FUNCTIONS = {cls.name: cls for cls in (SinTimes, MatMul, Cube, ColumnSoftmax, Identity, Transpose)}
-
-
-def build(name, *params):
-    """The test function called ``name`` with ``params``."""
-    return FUNCTIONS[name](*params)
