@@ -136,3 +136,18 @@ def test_the_judge_runs_under_a_memory_limit_of_its_own():
         with pytest.raises(MemoryError):
             np.ones(1 << 30)
     assert np.ones(1 << 26).sum() == 1 << 26   # lifted afterwards
+
+
+def test_a_verdict_that_breaks_on_odd_records_costs_that_cell_only(monkeypatch):
+    """A grader's bug triggered by a student's records must not stop nbgrader for the whole notebook."""
+    from bngrade.judge import autograde
+
+    def broken(key, *args, **kwargs):
+        raise KeyError("a verdict's own bug")
+
+    monkeypatch.setattr(autograde, "judge", broken)
+    _, records = parse_probes(_probe_zip((2, 3)), sandbox.Limits())
+    flags = []
+    message = Judge._verdict(["ch02.batchnorm_forward"], records["test_forward"], {}, {}, None, "test_forward", flags)
+    assert "could not judge this test" in message
+    assert flags == [("test_forward", "could not be judged: KeyError: \"a verdict's own bug\"")]

@@ -352,6 +352,10 @@ class Judge(NbGraderPreprocessor):
             except codec.Malformed as err:
                 flags.append((cell_id, f"malformed results: {str(err)[:200]}"))
                 return f"no usable results came back from your notebook for this test ({str(err)[:200]})"
+            except Exception as err:  # a verdict that odd records break costs this cell, never the notebook
+                flags.append((cell_id, f"could not be judged: {type(err).__name__}: {str(err)[:200]}"))
+                return (f"the grader could not judge this test from your notebook's results ({type(err).__name__}); "
+                        "your instructor has been told")
         return None
 
 
